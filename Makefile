@@ -1,0 +1,60 @@
+# gpufleet — entry points. `make demo` runs a local fleet; `make test` runs every test.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: help deps venv test test-unit test-integration test-fleet lint demo bench wheel clean
+
+help:
+	@echo "make demo              a local fleet of simulated GPU workers behind the router"
+	@echo "make test              install what is needed, then every test (unit, integration, molecule)"
+	@echo "make test-unit         the fast unit tests"
+	@echo "make test-integration  real processes, Redis and PostgreSQL"
+	@echo "make test-fleet        molecule scenarios on podman + systemd"
+	@echo "make lint              ruff, yamllint, ansible-lint (production profile)"
+	@echo "make bench             benchmarks against peers measured in the same run"
+
+deps:
+	@scripts/install-deps.sh
+
+$(VENV)/.stamp: requirements.txt daemons/pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip wheel
+	$(PY) -m pip install -q -r requirements.txt -e ./daemons
+	@touch $@
+
+venv: $(VENV)/.stamp
+
+test: deps venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+	$(MAKE) test-fleet
+
+test-unit: venv
+	$(PY) -m pytest -m unit $(PYTEST_ARGS)
+
+test-integration: deps venv
+	$(PY) -m pytest -m integration $(PYTEST_ARGS)
+
+test-fleet: deps venv
+	@if [ -x tests/fleet/run-molecule.sh ]; then tests/fleet/run-molecule.sh; else echo "no molecule scenarios yet"; fi
+
+lint: venv
+	$(VENV)/bin/ruff check daemons tests bench
+	@if [ -d roles ] && [ -n "$$(ls roles)" ]; then $(VENV)/bin/yamllint -s . && $(VENV)/bin/ansible-lint --profile production; fi
+
+demo: deps venv
+	$(PY) scripts/demo.py
+
+bench: venv
+	GPUFLEET_WITH_BENCH=1 GPUFLEET_WITH_PODMAN=0 scripts/install-deps.sh
+	$(PY) bench/sim_throughput.py
+	@if [ -f bench/router_overhead.py ]; then $(PY) bench/router_overhead.py; fi
+
+wheel: venv
+	$(PY) -m build --wheel --outdir dist daemons
+
+clean:
+	rm -rf $(VENV) dist build .pytest_cache .ruff_cache
