@@ -35,10 +35,11 @@ def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05, what: s
         except Exception as exc:  # noqa: BLE001 - polled predicates may fail until ready
             last_exc = exc
         time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_exc})" if last_exc else ""))
+    detail = f" (last error: {last_exc})" if last_exc else ""
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}{detail}")
 
 
-def wait_http(url: str, timeout: float = 20.0, status: int | None = 200, proc: "Daemon | None" = None,
+def wait_http(url: str, timeout: float = 20.0, status: int | None = 200, proc: Daemon | None = None,
               headers: dict | None = None) -> requests.Response:
     def probe():
         if proc is not None and proc.popen.poll() is not None:
@@ -51,10 +52,14 @@ def wait_http(url: str, timeout: float = 20.0, status: int | None = 200, proc: "
 class Daemon:
     """A subprocess in its own process group; output goes to a log file for diagnosis."""
 
-    def __init__(self, name: str, argv: list[str], env: dict | None = None, cwd: str | None = None):
+    def __init__(self, name: str, argv: list[str], env: dict | None = None, cwd: str | None = None,
+                 log_dir: str | None = None):
         self.name = name
         self.argv = argv
-        self.log_path = Path(tempfile.mkstemp(prefix=f"gpufleet-{name}-", suffix=".log")[1])
+        if log_dir:
+            self.log_path = Path(log_dir) / f"{name}.log"
+        else:
+            self.log_path = Path(tempfile.mkstemp(prefix=f"gpufleet-{name}-", suffix=".log")[1])
         full_env = dict(os.environ)
         full_env["PYTHONUNBUFFERED"] = "1"
         full_env.update({k: str(v) for k, v in (env or {}).items()})

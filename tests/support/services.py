@@ -40,7 +40,7 @@ class RedisServer:
         auth = f":{self.password}@" if self.password else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
-    def start(self) -> "RedisServer":
+    def start(self) -> RedisServer:
         argv = [_which("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1",
                 "--save", "", "--appendonly", "no", "--dir", self.dir, "--daemonize", "no"]
         if self.password:
@@ -91,7 +91,7 @@ class PostgresServer:
     def dsn(self, dbname: str) -> str:
         return f"postgresql://{self.user}@127.0.0.1:{self.port}/{dbname}"
 
-    def start(self) -> "PostgresServer":
+    def start(self) -> PostgresServer:
         initdb = _which("initdb", ("/usr/lib/postgresql/*/bin/initdb",))
         postgres = _which("postgres", ("/usr/lib/postgresql/*/bin/postgres",))
         subprocess.run(self._cmd([initdb, "-D", self.data, "-U", self.user, "--auth=trust",

@@ -1,0 +1,230 @@
+#!/usr/bin/env python3
+"""`make demo`: a local gpufleet — PostgreSQL, Redis, the control plane and reconciler,
+three workers (gpufleet-vllm-sim + gpufleet-agent) and a router — answering an OpenAI
+request, then serving until Ctrl-C, when it stops everything it started.
+
+The daemons are the same console scripts the Ansible roles run under systemd; only vLLM
+is replaced by the simulator, since there is no GPU here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from support.procs import Daemon, console_script, free_port, wait_http, wait_until  # noqa: E402
+from support.services import PostgresServer, RedisServer  # noqa: E402
+
+MODEL = "gpufleet/demo-llm"
+
+
+def port_or_free(preferred: int) -> int:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", preferred))
+            return preferred
+        except OSError:
+            return free_port()
+
+
+class Fleet:
+    def __init__(self, workers: int, run_dir: Path):
+        self.workers = workers
+        self.run_dir = run_dir
+        self.logs = run_dir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.daemons: list[Daemon] = []
+        self.redis: RedisServer | None = None
+        self.postgres: PostgresServer | None = None
+        self.admin_token = "gfa_demo_" + os.urandom(12).hex()
+        self.vllm_key = "demo-vllm-" + os.urandom(8).hex()
+
+    def start(self, name: str, argv: list[str], env: dict) -> Daemon:
+        daemon = Daemon(name, argv, env, log_dir=str(self.logs))
+        self.daemons.append(daemon)
+        return daemon
+
+    def cli(self, *args: str) -> str:
+        env = dict(os.environ, GPUFLEET_CONTROL_PLANE_URL=self.cp_url, GPUFLEET_ADMIN_TOKEN=self.admin_token,
+                   GPUFLEET_DATABASE_URL=self.database_url)
+        done = subprocess.run([console_script("gpufleet"), *args], env=env, capture_output=True, text=True,
+                              timeout=60)
+        if done.returncode != 0:
+            raise RuntimeError(f"gpufleet {' '.join(args)} failed: {done.stderr.strip() or done.stdout.strip()}")
+        return done.stdout
+
+    def up(self) -> None:
+        step("PostgreSQL and Redis (throw-away, in a temp dir)")
+        self.postgres = PostgresServer().start()
+        self.database_url = self.postgres.create_database("gpufleet")
+        self.redis = RedisServer().start()
+        common = {"GPUFLEET_DATABASE_URL": self.database_url, "GPUFLEET_REDIS_URL": self.redis.url,
+                  "GPUFLEET_ADMIN_TOKEN": self.admin_token, "GPUFLEET_HEARTBEAT_INTERVAL_S": "2",
+                  "GPUFLEET_RECONCILE_INTERVAL_S": "1"}
+
+        step("control plane and reconciler")
+        self.cp_port = port_or_free(8003)
+        self.cp_url = f"http://127.0.0.1:{self.cp_port}"
+        self.cli("db", "migrate")
+        cp = self.start("controlplane", [console_script("gpufleet-controlplane")],
+                        {**common, "GPUFLEET_BIND": f"127.0.0.1:{self.cp_port}"})
+        self.start("reconciler", [console_script("gpufleet-reconciler")], common)
+        wait_http(f"{self.cp_url}/readyz", timeout=60, proc=cp)
+
+        step(f"{self.workers} workers: gpufleet-vllm-sim + gpufleet-agent")
+        self.worker_urls = []
+        for index in range(1, self.workers + 1):
+            instance = f"demo-worker-{index}"
+            self.cli("instances", "add", instance, "--model", MODEL, "--hostname", "localhost")
+            vllm_port, agent_port = free_port(), free_port()
+            self.start(f"vllm-sim-{index}", [
+                console_script("gpufleet-vllm-sim"), MODEL, "--host", "127.0.0.1", "--port", str(vllm_port),
+                "--max-num-seqs", "8", "--startup-delay", "1", "--seed", str(index)],
+                {"VLLM_API_KEY": self.vllm_key})
+            self.start(f"agent-{index}", [console_script("gpufleet-agent")], {
+                "INSTANCE_ID": instance, "CONTROL_PLANE_URL": self.cp_url, "MODEL_ID": MODEL,
+                "VLLM_BASE_URL": f"http://127.0.0.1:{vllm_port}", "VLLM_API_KEY": self.vllm_key,
+                "AGENT_PORT": str(agent_port), "GPUFLEET_BIND": f"127.0.0.1:{agent_port}",
+                "ADVERTISE_URL": f"http://127.0.0.1:{vllm_port}",
+                "AGENT_URL": f"http://127.0.0.1:{agent_port}",
+                "WORKER_AUTH_TOKEN_FILE": str(self.run_dir / f"{instance}.token"),
+                "HEARTBEAT_INTERVAL_S": "2"})
+            self.worker_urls.append((instance, f"http://127.0.0.1:{vllm_port}", f"http://127.0.0.1:{agent_port}"))
+
+        step("router")
+        self.router_port = port_or_free(8002)
+        self.router_url = f"http://127.0.0.1:{self.router_port}"
+        router = self.start("router", [console_script("gpufleet-router")], {
+            "GPUFLEET_REDIS_URL": self.redis.url, "GPUFLEET_VLLM_API_KEY": self.vllm_key,
+            "GPUFLEET_BIND": f"127.0.0.1:{self.router_port}", "GPUFLEET_ROUTER_PROCESSES": "2"})
+        wait_http(f"{self.router_url}/healthz", timeout=60, proc=router)
+
+        step("waiting for the workers to be ready (model loaded, warm-up done, registered, health-checked)")
+        client = self.redis.client()
+        ready_key = f"gpufleet:workers:ready:{MODEL}"
+        wait_until(lambda: self._check_alive() and client.scard(ready_key) == self.workers, timeout=120,
+                   interval=0.25, what=f"{self.workers} workers in {ready_key}")
+
+        step("an API key")
+        self.api_key = json.loads(self.cli("keys", "create", "demo", "--json"))["key"]
+
+    def _check_alive(self) -> bool:
+        for daemon in self.daemons:
+            if not daemon.alive():
+                raise RuntimeError(f"{daemon.name} exited; its log:\n{daemon.output()[-3000:]}")
+        return True
+
+    def down(self) -> None:
+        for daemon in reversed(self.daemons):
+            daemon.stop(timeout=10)
+        self.daemons.clear()
+        if self.redis:
+            self.redis.cleanup()
+        if self.postgres:
+            self.postgres.cleanup()
+
+
+def step(text: str) -> None:
+    print(f"==> {text}", flush=True)
+
+
+def ask(fleet: Fleet) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{fleet.router_url}/v1", api_key=fleet.api_key)
+    models = [m.id for m in client.models.list().data]
+    print(f"\nmodels: {models}")
+    print("\nstreamed chat completion through the router:\n")
+    stream = client.chat.completions.create(
+        model=MODEL, stream=True, max_tokens=40,
+        messages=[{"role": "user", "content": "Say hello from gpufleet."}],
+        stream_options={"include_usage": True})
+    print("  ", end="")
+    usage = None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            print(chunk.choices[0].delta.content, end="", flush=True)
+        if chunk.usage:
+            usage = chunk.usage
+    print()
+    if usage:
+        print(f"\n   usage: {usage.prompt_tokens} prompt + {usage.completion_tokens} completion tokens")
+
+
+def show(fleet: Fleet) -> None:
+    print(f"""
+gpufleet is running (logs in {fleet.logs}):
+  router          {fleet.router_url}   (/v1/chat/completions, /v1/completions, /v1/models, /readyz, /metrics)
+  control plane   {fleet.cp_url}   (admin token: {fleet.admin_token})""")
+    for instance, vllm, agent in fleet.worker_urls:
+        print(f"  {instance:14}  vLLM (simulated) {vllm}   agent {agent}  (/readyz /metrics /info)")
+    print(f"""
+Try it:
+  curl -s {fleet.router_url}/v1/chat/completions -H 'Authorization: Bearer {fleet.api_key}' \\
+       -H 'Content-Type: application/json' \\
+       -d '{{"model": "{MODEL}", "messages": [{{"role": "user", "content": "hi"}}]}}'
+
+  python3 - <<'PY'
+from openai import OpenAI
+client = OpenAI(base_url="{fleet.router_url}/v1", api_key="{fleet.api_key}")
+reply = client.chat.completions.create(model="{MODEL}", messages=[{{"role": "user", "content": "hi"}}])
+print(reply.choices[0].message.content)
+PY
+
+  GPUFLEET_CONTROL_PLANE_URL={fleet.cp_url} GPUFLEET_ADMIN_TOKEN={fleet.admin_token} .venv/bin/gpufleet workers
+
+Press Ctrl-C to stop everything.""", flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--once", action="store_true", help="answer one request, then stop everything")
+    args = parser.parse_args()
+
+    run_dir = Path(tempfile.mkdtemp(prefix="gpufleet-demo-"))
+    fleet = Fleet(args.workers, run_dir)
+
+    def on_signal(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    status = 0
+    try:
+        fleet.up()
+        ask(fleet)
+        show(fleet)
+        print("READY", flush=True)
+        while not args.once:
+            fleet._check_alive()
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("\nstopping…", flush=True)
+    except Exception as exc:  # noqa: BLE001 - print what failed, then clean up
+        print(f"\ndemo failed: {exc}", file=sys.stderr, flush=True)
+        status = 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        fleet.down()
+        if status == 0:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        else:
+            print(f"logs kept in {fleet.logs}", file=sys.stderr)
+        print("stopped: every process the demo started has exited.", flush=True)
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
