@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Builds, on the controller, what the roles install on hosts without a package index:
+# the gpufleet wheel (from daemons/) and a wheelhouse of all its dependencies, for the
+# hosts' Python version and CPU architecture, packed in one tarball the roles copy.
+#
+#   dist/wheelhouse-cp311-x86_64/          gpufleet-*.whl + every dependency's wheel
+#   dist/wheelhouse-cp311-x86_64.tar       the same, packed reproducibly (one copy per host)
+#   dist/wheelhouse-cp311-x86_64.sha256    its checksum (the roles restart on a change)
+#
+# Usage: scripts/build-wheelhouse.sh [--python 3.11] [--arch x86_64] [--force]
+#   --python  the hosts' Python (Debian 12: 3.11, Ubuntu 22.04: 3.10, Ubuntu 24.04: 3.12);
+#             default: the controller's own
+#   --arch    the hosts' CPU architecture (x86_64, aarch64); default: the controller's
+#   --force   rebuild even when up to date
+# Env: PYTHON (the controller's interpreter, default .venv/bin/python or python3),
+#      PIP_INDEX_URL / PIP_EXTRA_INDEX_URL as pip reads them, DIST (default dist).
+#
+# When the target is the controller's own Python and architecture, `pip wheel` resolves
+# and builds everything (sdists too). For another target, `pip download --only-binary`
+# fetches the manylinux wheels of that Python and platform (every dependency of gpufleet
+# publishes them). Nothing is rebuilt when the tarball is newer than daemons/.
+set -euo pipefail
+
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+python="${PYTHON:-}"
+if [ -z "$python" ]; then
+  if [ -x .venv/bin/python ]; then python=.venv/bin/python; else python=python3; fi
+fi
+host_py="$("$python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
+host_arch="$(uname -m)"
+target_py="$host_py"
+target_arch="$host_arch"
+force=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --python) target_py="$2"; shift 2 ;;
+    --arch) target_arch="$2"; shift 2 ;;
+    --force) force=1; shift ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    *) echo "build-wheelhouse: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+[[ "$target_py" =~ ^3\.[0-9]+$ ]] || { echo "build-wheelhouse: --python wants e.g. 3.11, not $target_py" >&2; exit 2; }
+case "$target_arch" in x86_64|aarch64) ;; *) echo "build-wheelhouse: --arch wants x86_64 or aarch64, not $target_arch" >&2; exit 2 ;; esac
+
+dist="${DIST:-dist}"
+tag="cp${target_py/./}-${target_arch}"
+house="$dist/wheelhouse-$tag"
+tarball="$house.tar"
+
+newest_source="$(find daemons -type f -not -path '*/__pycache__/*' -not -path '*.egg-info*' -not -path '*/build/*' -newer "$tarball" -print -quit 2>/dev/null || true)"
+if [ "$force" = 0 ] && [ -f "$tarball" ] && [ -f "$house.sha256" ] && [ -z "$newest_source" ]; then
+  echo "build-wheelhouse: $tarball is up to date (--force rebuilds it)"
+  exit 0
+fi
+
+start=$(date +%s)
+"$python" -m pip --version >/dev/null 2>&1 || { echo "build-wheelhouse: $python has no pip" >&2; exit 1; }
+"$python" -c 'import build' 2>/dev/null || "$python" -m pip install -q build
+
+work="$(mktemp -d "${TMPDIR:-/tmp}/gpufleet-wheelhouse.XXXXXX")"
+trap 'rm -rf "$work"' EXIT
+
+# The gpufleet wheel itself (pure Python: one wheel serves every target).
+"$python" -m build --wheel --outdir "$work/own" daemons >"$work/build.log" 2>&1 || { tail -n 30 "$work/build.log" >&2; exit 1; }
+wheel="$(ls "$work"/own/gpufleet-*.whl)"
+
+mkdir -p "$work/house"
+cp "$wheel" "$work/house/"
+if [ "$target_py" = "$host_py" ] && [ "$target_arch" = "$host_arch" ]; then
+  "$python" -m pip wheel -q --wheel-dir "$work/house" "$wheel" >"$work/pip.log" 2>&1 || { tail -n 30 "$work/pip.log" >&2; exit 1; }
+else
+  abi="cp${target_py/./}"
+  "$python" -m pip download -q --dest "$work/house" --only-binary=:all: \
+    --python-version "$target_py" --implementation cp --abi "$abi" --abi abi3 --abi none \
+    --platform "manylinux_2_28_$target_arch" --platform "manylinux_2_17_$target_arch" \
+    --platform "manylinux2014_$target_arch" --platform any \
+    "$wheel" >"$work/pip.log" 2>&1 || { tail -n 30 "$work/pip.log" >&2; exit 1; }
+fi
+
+# Replace the previous build atomically enough for a controller: new dir, then swap.
+mkdir -p "$dist"
+rm -rf "$house.new"
+mv "$work/house" "$house.new"
+rm -rf "$house"
+mv "$house.new" "$house"
+# Reproducible tarball (sorted names, fixed times and owners): the same wheels give the
+# same checksum, so the roles copy and reinstall only when something really changed.
+tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$house" -cf "$tarball.new" .
+mv "$tarball.new" "$tarball"
+(cd "$dist" && sha256sum "$(basename "$tarball")") >"$house.sha256"
+echo "build-wheelhouse: $tarball ($(ls "$house" | wc -l) wheels, $(du -h "$tarball" | cut -f1)) in $(( $(date +%s) - start ))s"
