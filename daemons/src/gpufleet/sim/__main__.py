@@ -1,0 +1,32 @@
+"""``gpufleet-vllm-sim MODEL [options]``: serve the simulator until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+
+from gpufleet.common.logs import setup_logging
+
+from .app import create_app
+from .options import parse_args
+
+
+def main(argv: list[str] | None = None) -> None:
+    options = parse_args(argv)
+    log = setup_logging("gpufleet.sim", options.log_level)
+    if not options.access_log:
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    app = create_app(options)
+    latency = (f"ttft {options.ttft_ms} ms, itl {options.itl_ms} ms, jitter {options.jitter}, "
+               f"startup delay {options.startup_delay} s")
+    log.info("gpufleet-vllm-sim: serving %s as %s on http://%s:%d (max-num-seqs %d, %s)",
+             options.model, ", ".join(options.served_names), options.host, options.port,
+             options.max_num_seqs, latency)
+    web.run_app(app, host=options.host, port=options.port, print=None, backlog=2048,
+                access_log=logging.getLogger("aiohttp.access") if options.access_log else None,
+                handler_cancellation=True, shutdown_timeout=options.shutdown_timeout)
+
+
+if __name__ == "__main__":
+    main()

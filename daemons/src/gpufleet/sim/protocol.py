@@ -1,0 +1,258 @@
+"""OpenAI request validation and vLLM's response shapes (chat and text completions,
+streamed or not). Pure functions of their inputs: no sockets, no clocks."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from gpufleet.common.openai_errors import error_body
+
+from . import textgen
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+class RequestError(Exception):
+    """A request the server refuses; becomes an OpenAI error body with ``status``."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict:
+        body = error_body(self.status, self.message, param=self.param, code=self.code)
+        body["object"] = "error"  # vLLM's ErrorResponse carries it too
+        return body
+
+
+@dataclass
+class GenRequest:
+    kind: str                     # "chat" or "completion"
+    model: str
+    prompt_key: str               # what the generated text is derived from
+    prompt_tokens: int
+    max_tokens: int
+    stream: bool = False
+    stops: list[str] = field(default_factory=list)
+    seed: int | None = None
+    include_usage: bool = False
+    continuous_usage: bool = False
+    ignore_eos: bool = False
+    min_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Limits:
+    served_names: tuple[str, ...]
+    max_model_len: int
+    default_max_tokens: int
+
+
+def _bad(message: str, param: str | None = None) -> RequestError:
+    return RequestError(400, message, param=param)
+
+
+def _int_field(body: dict, name: str, minimum: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(f"{name} must be an integer, got {value!r}", name)
+    if value < minimum:
+        raise _bad(f"{name} must be at least {minimum}, got {value}.", name)
+    return value
+
+
+def _number_field(body: dict, name: str, low: float, high: float) -> None:
+    value = body.get(name)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise _bad(f"{name} must be a number from {low} to {high}, got {value!r}", name)
+
+
+def _common(body: dict, limits: Limits, kind: str, prompt_key: str, prompt_tokens: int,
+            max_tokens: int | None) -> GenRequest:
+    model = body.get("model")
+    if model is None:
+        model = limits.served_names[0]
+    elif not isinstance(model, str):
+        raise _bad("model must be a string", "model")
+    elif model not in limits.served_names:
+        raise RequestError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise _bad("stream must be a boolean", "stream")
+    stream_options = body.get("stream_options")
+    if stream_options is not None:
+        if not isinstance(stream_options, dict):
+            raise _bad("stream_options must be an object", "stream_options")
+        if not stream:
+            raise _bad("Stream options can only be defined when `stream=True`.", "stream_options")
+    stream_options = stream_options or {}
+
+    stop = body.get("stop")
+    if stop is None:
+        stops = []
+    elif isinstance(stop, str):
+        stops = [stop]
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        stops = list(stop)
+    else:
+        raise _bad("stop must be a string or a list of strings", "stop")
+
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise _bad("seed must be an integer", "seed")
+    n = _int_field(body, "n", 1)
+    if n is not None and n > 1:
+        raise _bad("n > 1 is not supported by gpufleet-vllm-sim", "n")
+    _number_field(body, "temperature", 0, 2)
+    _number_field(body, "top_p", 0, 1)
+    min_tokens = _int_field(body, "min_tokens", 0) or 0
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise _bad("ignore_eos must be a boolean", "ignore_eos")
+
+    if max_tokens is None:
+        max_tokens = min(limits.default_max_tokens, max(limits.max_model_len - prompt_tokens, 1))
+    if prompt_tokens + max_tokens > limits.max_model_len:
+        raise _bad(
+            f"This model's maximum context length is {limits.max_model_len} tokens. However, you requested "
+            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the "
+            "completion). Please reduce the length of the messages or completion.", "max_tokens")
+    if min_tokens > max_tokens:
+        raise _bad(f"min_tokens must be less than or equal to max_tokens={max_tokens}, got {min_tokens}.",
+                   "min_tokens")
+
+    return GenRequest(kind=kind, model=model, prompt_key=prompt_key, prompt_tokens=prompt_tokens,
+                      max_tokens=max_tokens, stream=stream, stops=stops, seed=seed,
+                      include_usage=bool(stream_options.get("include_usage")),
+                      continuous_usage=bool(stream_options.get("continuous_usage_stats")),
+                      ignore_eos=ignore_eos, min_tokens=min_tokens)
+
+
+def parse_body(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _bad(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise _bad("the request body must be a JSON object")
+    return body
+
+
+def parse_chat(body: dict, limits: Limits) -> GenRequest:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _bad("messages must be a non-empty list of {role, content} objects", "messages")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise _bad(f"messages[{index}] must be an object with a string role", "messages")
+        content = message.get("content")
+        if content is not None and not isinstance(content, (str, list)):
+            raise _bad(f"messages[{index}].content must be a string or a list of parts", "messages")
+    max_tokens = _int_field(body, "max_completion_tokens", 1)
+    if max_tokens is None:
+        max_tokens = _int_field(body, "max_tokens", 1)
+    prompt_key = "\x1e".join(f"{m['role']}\x1f{textgen.content_text(m.get('content'))}" for m in messages)
+    return _common(body, limits, "chat", prompt_key, textgen.chat_prompt_tokens(messages), max_tokens)
+
+
+def parse_completion(body: dict, limits: Limits) -> GenRequest:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        prompt_key, prompt_tokens = prompt, textgen.count_tokens(prompt)
+    elif (isinstance(prompt, list) and prompt
+          and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
+        prompt_key, prompt_tokens = " ".join(map(str, prompt)), len(prompt)
+    elif isinstance(prompt, list) and len(prompt) > 1:
+        raise _bad("batched prompts are not supported by gpufleet-vllm-sim: send one prompt per request",
+                   "prompt")
+    else:
+        raise _bad("prompt must be a string or a list of token ids", "prompt")
+    prompt_tokens = max(prompt_tokens, 1)
+    return _common(body, limits, "completion", prompt_key, prompt_tokens, _int_field(body, "max_tokens", 1))
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + completion_tokens,
+            "completion_tokens": completion_tokens}
+
+
+def completion_response(req: GenRequest, request_id: str, created: int, text: str, finish_reason: str,
+                        stop_reason: str | None, completion_tokens: int) -> bytes:
+    used = usage(req.prompt_tokens, completion_tokens)
+    used["prompt_tokens_details"] = None
+    if req.kind == "chat":
+        body = {
+            "id": request_id, "object": "chat.completion", "created": created, "model": req.model,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "reasoning_content": None, "content": text, "tool_calls": []},
+                "logprobs": None, "finish_reason": finish_reason, "stop_reason": stop_reason,
+            }],
+            "service_tier": None, "system_fingerprint": None, "usage": used,
+            "prompt_logprobs": None, "kv_transfer_params": None,
+        }
+    else:
+        body = {
+            "id": request_id, "object": "text_completion", "created": created, "model": req.model,
+            "choices": [{
+                "index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason,
+                "stop_reason": stop_reason, "prompt_logprobs": None,
+            }],
+            "service_tier": None, "system_fingerprint": None, "usage": used, "kv_transfer_params": None,
+        }
+    return _dumps(body).encode()
+
+
+class ChunkEncoder:
+    """SSE events of one stream, byte for byte as vLLM writes them (``exclude_unset``
+    JSON: fields that vLLM leaves unset are absent, not null)."""
+
+    def __init__(self, req: GenRequest, request_id: str, created: int):
+        self.req = req
+        self.chat = req.kind == "chat"
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        self._head = (f'data: {{"id":{_dumps(request_id)},"object":"{obj}","created":{created},'
+                      f'"model":{_dumps(req.model)},')
+
+    def role(self) -> bytes:
+        """The chat stream's first event: the assistant role with empty content."""
+        return (self._head + '"choices":[{"index":0,"delta":{"role":"assistant","content":""},'
+                '"logprobs":null,"finish_reason":null}]}\n\n').encode()
+
+    def token(self, text: str, finish_reason: str | None = None, stop_reason: str | None = None,
+              usage_so_far: dict | None = None) -> bytes:
+        if self.chat:
+            choice = f'{{"index":0,"delta":{{"content":{_dumps(text)}}},"logprobs":null,'
+        else:
+            choice = f'{{"index":0,"text":{_dumps(text)},"logprobs":null,'
+        if finish_reason is None:
+            choice += '"finish_reason":null' + ("}" if self.chat else ',"stop_reason":null}')
+        else:
+            choice += f'"finish_reason":"{finish_reason}","stop_reason":{_dumps(stop_reason)}}}'
+        tail = "" if usage_so_far is None else f',"usage":{_dumps(usage_so_far)}'
+        return (self._head + '"choices":[' + choice + "]" + tail + "}\n\n").encode()
+
+    def usage(self, completion_tokens: int) -> bytes:
+        used = usage(self.req.prompt_tokens, completion_tokens)
+        return (self._head + f'"choices":[],"usage":{_dumps(used)}}}\n\n').encode()
+
+    @staticmethod
+    def done() -> bytes:
+        return b"data: [DONE]\n\n"
+
+    @staticmethod
+    def error(err: RequestError) -> bytes:
+        return f"data: {_dumps(err.body())}\n\n".encode()
