@@ -1,0 +1,121 @@
+"""The agent's settings, read once from the environment (names fixed by DESIGN.md)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+from gpufleet.common.config import ConfigError, Env
+
+DEFAULT_AGENT_PORT = 8080
+DEFAULT_VLLM_BASE_URL = "http://127.0.0.1:8000"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    instance_id: str
+    worker_id: str
+    control_plane_url: str
+    model_id: str
+    provider_instance_id: str = ""
+    worker_auth_token: str | None = None
+    worker_auth_token_file: str | None = None
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    vllm_base_url: str = DEFAULT_VLLM_BASE_URL
+    vllm_api_key: str | None = None
+    bind_host: str = "0.0.0.0"
+    bind_port: int = DEFAULT_AGENT_PORT
+    advertise_url: str = DEFAULT_VLLM_BASE_URL
+    agent_url: str = f"http://127.0.0.1:{DEFAULT_AGENT_PORT}"
+    heartbeat_interval_s: float = 10.0
+    agent_admin_token: str | None = None
+    # How often vLLM is polled; /readyz answers from a poll at most this old (plus timeouts).
+    vllm_poll_interval_s: float = 0.5
+    vllm_timeout_s: float = 1.0
+    warmup_timeout_s: float = 60.0
+    # Cap of the exponential back-off towards the control plane.
+    retry_max_s: float = 30.0
+    # Window of the TTFT / end-to-end percentiles and the request rate.
+    metrics_window_s: float = 60.0
+    log_level: str = "INFO"
+
+
+def _positive(env: Env, name: str, default: float, minimum: float = 0.05) -> float:
+    return env.float(name, default, minimum=minimum)
+
+
+def load_config(environ: Mapping[str, str] | None = None) -> AgentConfig:
+    """Build the settings; a missing or malformed value raises ConfigError naming it."""
+    env = Env(os.environ if environ is None else environ)
+    instance_id = env.str("INSTANCE_ID", required=True, example="gpu-worker-01")
+    control_plane_url = env.url("CONTROL_PLANE_URL", required=True, example="http://cp.tailnet:8003")
+    model_id = env.str("MODEL_ID", required=True, example="meta-llama/Llama-3.1-8B-Instruct")
+    vllm_base_url = env.url("VLLM_BASE_URL", DEFAULT_VLLM_BASE_URL, example=DEFAULT_VLLM_BASE_URL)
+    advertise_url = env.url("ADVERTISE_URL", vllm_base_url, example="http://100.64.0.7:8000")
+
+    if env.raw("GPUFLEET_BIND"):
+        host, port = env.bind("GPUFLEET_BIND", f"0.0.0.0:{DEFAULT_AGENT_PORT}")
+    else:
+        host = "0.0.0.0"
+        port = env.int("AGENT_PORT", DEFAULT_AGENT_PORT, minimum=1, maximum=65535)
+
+    agent_url = env.url("AGENT_URL", None, example="http://100.64.0.7:8080")
+    if agent_url is None:
+        advertised_host = urlparse(advertise_url).hostname or "127.0.0.1"
+        if ":" in advertised_host:
+            advertised_host = f"[{advertised_host}]"
+        agent_url = f"http://{advertised_host}:{port}"
+
+    token_file = env.str("WORKER_AUTH_TOKEN_FILE")
+    if token_file is not None:
+        _check_token_file(token_file)
+
+    return AgentConfig(
+        instance_id=instance_id,
+        worker_id=env.str("WORKER_ID", instance_id),
+        provider_instance_id=env.str("PROVIDER_INSTANCE_ID", ""),
+        control_plane_url=control_plane_url,
+        model_id=model_id,
+        worker_auth_token=env.str("WORKER_AUTH_TOKEN"),
+        worker_auth_token_file=token_file,
+        tensor_parallel_size=env.int("TENSOR_PARALLEL_SIZE", 1, minimum=1, maximum=64),
+        gpu_memory_utilization=env.float("GPU_MEMORY_UTILIZATION", 0.9, minimum=0.01, maximum=1.0),
+        vllm_base_url=vllm_base_url,
+        vllm_api_key=env.str("VLLM_API_KEY"),
+        bind_host=host,
+        bind_port=port,
+        advertise_url=advertise_url,
+        agent_url=agent_url,
+        heartbeat_interval_s=_positive(env, "HEARTBEAT_INTERVAL_S", 10.0, minimum=0.1),
+        agent_admin_token=env.str("AGENT_ADMIN_TOKEN"),
+        vllm_poll_interval_s=_positive(env, "VLLM_POLL_INTERVAL_S", 0.5),
+        vllm_timeout_s=_positive(env, "VLLM_TIMEOUT_S", 1.0),
+        warmup_timeout_s=_positive(env, "WARMUP_TIMEOUT_S", 60.0),
+        retry_max_s=_positive(env, "CONTROL_PLANE_RETRY_MAX_S", 30.0, minimum=0.1),
+        metrics_window_s=_positive(env, "METRICS_WINDOW_S", 60.0, minimum=1.0),
+        log_level=_log_level(env),
+    )
+
+
+def _log_level(env: Env) -> str:
+    level = (env.str("LOG_LEVEL", "INFO") or "INFO").upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"LOG_LEVEL={level!r} is not a log level: set it to DEBUG, INFO, WARNING or ERROR")
+    return level
+
+
+def _check_token_file(path: str) -> None:
+    """The token file may not exist yet (bootstrap writes it), but its folder must."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ConfigError(
+            f"WORKER_AUTH_TOKEN_FILE={path!r}: the folder {folder} does not exist: create it "
+            "or point WORKER_AUTH_TOKEN_FILE at e.g. /var/lib/gpufleet/worker-token")
+    if os.path.isdir(path):
+        raise ConfigError(f"WORKER_AUTH_TOKEN_FILE={path!r} is a folder: point it at a file, "
+                          "e.g. /var/lib/gpufleet/worker-token")
+    if os.path.exists(path) and not os.access(path, os.R_OK):
+        raise ConfigError(f"WORKER_AUTH_TOKEN_FILE={path!r} is not readable by this user: fix its owner")

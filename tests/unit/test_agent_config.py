@@ -1,0 +1,76 @@
+"""The agent's environment: defaults, derived URLs, and errors that name what to set."""
+
+import os
+import stat
+import subprocess
+
+import pytest
+
+from gpufleet.agent.config import load_config
+from gpufleet.common.config import ConfigError
+from support.procs import console_script
+
+BASE = {"INSTANCE_ID": "gpu-01", "CONTROL_PLANE_URL": "http://127.0.0.1:8003", "MODEL_ID": "m"}
+
+
+def test_defaults_and_derived_urls():
+    config = load_config({**BASE, "ADVERTISE_URL": "http://100.64.0.7:8000/"})
+    assert config.worker_id == "gpu-01"
+    assert config.vllm_base_url == "http://127.0.0.1:8000"
+    assert config.advertise_url == "http://100.64.0.7:8000"
+    assert config.agent_url == "http://100.64.0.7:8080"  # advertise host + agent port
+    assert (config.bind_host, config.bind_port) == ("0.0.0.0", 8080)
+    assert config.heartbeat_interval_s == 10.0
+    assert config.tensor_parallel_size == 1
+
+
+def test_advertise_defaults_to_vllm_and_bind_wins_over_agent_port():
+    config = load_config({**BASE, "VLLM_BASE_URL": "http://10.0.0.5:9000", "AGENT_PORT": "9100",
+                          "WORKER_ID": "w-7", "TENSOR_PARALLEL_SIZE": "4", "GPU_MEMORY_UTILIZATION": "0.85"})
+    assert config.advertise_url == "http://10.0.0.5:9000"
+    assert config.agent_url == "http://10.0.0.5:9100"
+    assert config.worker_id == "w-7" and config.tensor_parallel_size == 4
+    assert config.gpu_memory_utilization == pytest.approx(0.85)
+    config = load_config({**BASE, "GPUFLEET_BIND": "127.0.0.1:9200", "AGENT_PORT": "9100"})
+    assert (config.bind_host, config.bind_port) == ("127.0.0.1", 9200)
+    assert config.agent_url == "http://127.0.0.1:9200"
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({"CONTROL_PLANE_URL": "http://cp:8003", "MODEL_ID": "m"}, "INSTANCE_ID is not set"),
+    ({"INSTANCE_ID": "i", "MODEL_ID": "m"}, "CONTROL_PLANE_URL is not set"),
+    ({"INSTANCE_ID": "i", "CONTROL_PLANE_URL": "http://cp:8003"}, "MODEL_ID is not set"),
+    ({**BASE, "CONTROL_PLANE_URL": "cp:8003"}, "CONTROL_PLANE_URL"),
+    ({**BASE, "HEARTBEAT_INTERVAL_S": "soon"}, "HEARTBEAT_INTERVAL_S"),
+    ({**BASE, "AGENT_PORT": "70000"}, "AGENT_PORT"),
+    ({**BASE, "TENSOR_PARALLEL_SIZE": "0"}, "TENSOR_PARALLEL_SIZE"),
+    ({**BASE, "GPU_MEMORY_UTILIZATION": "1.5"}, "GPU_MEMORY_UTILIZATION"),
+    ({**BASE, "GPUFLEET_BIND": "8080"}, "GPUFLEET_BIND"),
+    ({**BASE, "WORKER_AUTH_TOKEN_FILE": "/nonexistent-dir/token"}, "WORKER_AUTH_TOKEN_FILE"),
+])
+def test_bad_settings_name_the_variable(env, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(env)
+
+
+def test_the_console_script_exits_2_without_a_traceback(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("INSTANCE_ID", "CONTROL_PLANE_URL", "MODEL_ID")}
+    env.update({"INSTANCE_ID": "gpu-01", "MODEL_ID": "m"})
+    result = subprocess.run([console_script("gpufleet-agent")], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "CONTROL_PLANE_URL is not set" in result.stderr
+    assert "http://" in result.stderr  # an example of what to set
+    assert "Traceback" not in result.stderr
+
+    env.update({"CONTROL_PLANE_URL": "http://127.0.0.1:8003", "HEARTBEAT_INTERVAL_S": "ten"})
+    result = subprocess.run([console_script("gpufleet-agent")], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "HEARTBEAT_INTERVAL_S='ten' is not a number" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_token_file_folder_must_exist_but_the_file_may_not(tmp_path):
+    config = load_config({**BASE, "WORKER_AUTH_TOKEN_FILE": str(tmp_path / "token")})
+    assert config.worker_auth_token_file == str(tmp_path / "token")
+    assert not (tmp_path / "token").exists()
+    assert stat.S_ISDIR(os.stat(tmp_path).st_mode)
