@@ -117,10 +117,10 @@ def test_backoff_grows_to_the_cap_with_jitter_and_resets():
 
 
 def test_no_nvidia_driver_means_zero_gpus_logged_once(caplog):
-    reader = GpuReader()  # the real pynvml; the test hosts have no driver
-    if reader.read():
+    if GpuReader().read():
         pytest.skip("this host has NVIDIA GPUs")
-    reader = GpuReader()
+    caplog.clear()
+    reader = GpuReader()  # the real pynvml; the test hosts have no driver
     with caplog.at_level(logging.WARNING, logger="gpufleet.agent.gpus"):
         assert reader.read() == []
         assert reader.read() == []
