@@ -1,0 +1,87 @@
+"""The router's settings, read from the environment in one place and validated at start."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from gpufleet.common.config import ConfigError, Env
+from gpufleet.common.rediskeys import DEFAULT_PREFIX
+
+POLICIES = ("least_outstanding", "round_robin", "random")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    redis_url: str
+    host: str = "0.0.0.0"
+    port: int = 8002
+    processes: int = 1
+    redis_prefix: str = DEFAULT_PREFIX
+    vllm_api_key: str | None = None
+    router_id: str = field(default_factory=socket.gethostname)
+    policy: str = "least_outstanding"
+    connect_timeout_s: float = 3.0
+    first_byte_timeout_s: float = 60.0
+    read_timeout_s: float = 60.0
+    retries: int = 2
+    retry_budget_ratio: float = 0.2
+    retry_budget_min_per_s: float = 5.0
+    breaker_failures: int = 3
+    breaker_cooldown_s: float = 10.0
+    lease_ttl_s: float = 10.0
+    max_body_bytes: int = 4 * 1024 * 1024
+    key_cache_ttl_s: float = 5.0
+    key_negative_ttl_s: float = 2.0
+    refresh_interval_s: float = 2.0
+    redis_timeout_s: float = 0.5
+    pool_maxsize: int = 256
+    log_level: str = "INFO"
+    metrics_dir: str | None = None
+    background: bool = True  # the event listener, refresher and lease renewer (off in some unit tests)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> RouterConfig:
+        env = Env(environ)
+        redis_url = env.url("GPUFLEET_REDIS_URL", required=True, example="redis://:pass@127.0.0.1:6379/0",
+                            schemes=("redis", "rediss", "unix"))
+        host, port = env.bind("GPUFLEET_BIND", "0.0.0.0:8002")
+        policy = (env.str("GPUFLEET_ROUTER_POLICY", "least_outstanding") or "").lower().replace("-", "_")
+        if policy not in POLICIES:
+            raise ConfigError(f"GPUFLEET_ROUTER_POLICY={policy!r} is unknown: set it to one of {', '.join(POLICIES)}")
+        prefix = env.str("GPUFLEET_REDIS_PREFIX", DEFAULT_PREFIX)
+        first_byte = env.float("GPUFLEET_ROUTER_FIRST_BYTE_TIMEOUT_S", 60.0, minimum=0.1)
+        cfg = cls(
+            redis_url=redis_url,
+            host=host,
+            port=port,
+            processes=env.int("GPUFLEET_ROUTER_PROCESSES", os.cpu_count() or 1, minimum=1, maximum=256),
+            redis_prefix=prefix,
+            vllm_api_key=env.str("GPUFLEET_VLLM_API_KEY"),
+            router_id=env.str("GPUFLEET_ROUTER_ID", socket.gethostname()),
+            policy=policy,
+            connect_timeout_s=env.float("GPUFLEET_ROUTER_CONNECT_TIMEOUT_S", 3.0, minimum=0.05, maximum=600),
+            first_byte_timeout_s=first_byte,
+            read_timeout_s=env.float("GPUFLEET_ROUTER_READ_TIMEOUT_S", max(first_byte, 60.0), minimum=0.1),
+            retries=env.int("GPUFLEET_ROUTER_RETRIES", 2, minimum=0, maximum=10),
+            retry_budget_ratio=env.float("GPUFLEET_ROUTER_RETRY_BUDGET_RATIO", 0.2, minimum=0.0, maximum=10.0),
+            retry_budget_min_per_s=env.float("GPUFLEET_ROUTER_RETRY_BUDGET_MIN_PER_S", 5.0, minimum=0.0),
+            breaker_failures=env.int("GPUFLEET_ROUTER_BREAKER_FAILURES", 3, minimum=1, maximum=1000),
+            breaker_cooldown_s=env.float("GPUFLEET_ROUTER_BREAKER_COOLDOWN_S", 10.0, minimum=0.1, maximum=3600),
+            lease_ttl_s=env.float("GPUFLEET_ROUTER_LEASE_TTL_S", 10.0, minimum=1.0, maximum=3600),
+            max_body_bytes=env.int("GPUFLEET_ROUTER_MAX_BODY_BYTES", 4 * 1024 * 1024, minimum=1024),
+            key_cache_ttl_s=env.float("GPUFLEET_ROUTER_KEY_CACHE_TTL_S", 5.0, minimum=0.0, maximum=300),
+            key_negative_ttl_s=env.float("GPUFLEET_ROUTER_KEY_NEGATIVE_TTL_S", 2.0, minimum=0.0, maximum=300),
+            refresh_interval_s=env.float("GPUFLEET_ROUTER_REFRESH_INTERVAL_S", 2.0, minimum=0.1, maximum=300),
+            redis_timeout_s=env.float("GPUFLEET_ROUTER_REDIS_TIMEOUT_S", 0.5, minimum=0.05, maximum=30),
+            pool_maxsize=env.int("GPUFLEET_ROUTER_POOL_MAXSIZE", 256, minimum=1, maximum=100000),
+            log_level=(env.str("GPUFLEET_LOG_LEVEL", "INFO") or "INFO").upper(),
+            metrics_dir=env.str("PROMETHEUS_MULTIPROC_DIR"),
+        )
+        if cfg.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ConfigError(f"GPUFLEET_LOG_LEVEL={cfg.log_level!r} is not a level: set it to INFO or DEBUG")
+        if not cfg.router_id or any(c.isspace() for c in cfg.router_id):
+            raise ConfigError("GPUFLEET_ROUTER_ID must be a non-empty word, e.g. router-1")
+        return cfg

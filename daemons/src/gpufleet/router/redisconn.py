@@ -1,0 +1,58 @@
+"""The router's Redis connection and whether it is usable right now.
+
+Every Redis call of the request path goes through :meth:`RedisLink.call`-style guards:
+while Redis is marked down, the request path does not touch it at all (no connect timeout
+per request); the background refresher probes it and marks it up again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import redis
+
+from gpufleet.common.config import redact_url
+
+log = logging.getLogger(__name__)
+
+REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+
+
+class RedisLink:
+    def __init__(self, url: str, timeout_s: float, max_connections: int = 512):
+        self.url = url
+        self.client = redis.Redis.from_url(
+            url, decode_responses=True, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+            health_check_interval=0, max_connections=max_connections, retry_on_timeout=False)
+        self.up = False
+        self.ever_up = False
+        self._lock = threading.Lock()
+        self.on_change = None  # called with the new value of ``up``
+
+    def mark_down(self, exc: BaseException) -> None:
+        with self._lock:
+            was, self.up = self.up, False
+        if was:
+            log.warning("redis at %s is unreachable (%s): serving with the last known workers and keys",
+                        redact_url(self.url), exc)
+            if self.on_change:
+                self.on_change(False)
+
+    def mark_up(self) -> None:
+        with self._lock:
+            was, self.up = self.up, True
+            self.ever_up = True
+        if not was:
+            log.info("redis at %s is reachable", redact_url(self.url))
+            if self.on_change:
+                self.on_change(True)
+
+    def probe(self) -> bool:
+        try:
+            self.client.ping()
+        except REDIS_ERRORS as exc:
+            self.mark_down(exc)
+            return False
+        self.mark_up()
+        return True
