@@ -1,0 +1,45 @@
+"""The agreed command line."""
+
+import pytest
+
+from gpufleet.sim.options import parse_args
+
+
+def test_defaults_match_the_agreed_interface():
+    o = parse_args(["facebook/opt-125m"])
+    assert (o.host, o.port, o.max_num_seqs, o.seed) == ("127.0.0.1", 8000, 256, 0)
+    assert (o.ttft_ms, o.itl_ms, o.prefill_ms_per_token, o.jitter, o.slowdown_per_seq) == (40, 8, 0.02, 0.1, 0.01)
+    assert (o.default_max_tokens, o.startup_delay, o.fault_rate, o.enable_fault_api) == (16, 0, 0, False)
+    assert o.served_names == ("facebook/opt-125m",)
+
+
+def test_all_flags():
+    o = parse_args(["m", "--host", "0.0.0.0", "--port", "9000", "--served-model-name", "a", "b",
+                    "--max-num-seqs", "2", "--api-key", "k", "--seed", "7", "--ttft-ms", "0", "--itl-ms", "1.5",
+                    "--prefill-ms-per-token", "0", "--jitter", "0", "--slowdown-per-seq", "0.5",
+                    "--default-max-tokens", "3", "--startup-delay", "1", "--fault-rate", "0.5",
+                    "--fault-mode", "reset", "--enable-fault-api", "--output-len-range", "4:8"])
+    assert o.served_names == ("a", "b") and o.api_key == "k" and o.itl_ms == 1.5
+    assert (o.fault_mode, o.fault_rate, o.output_len_range) == ("reset", 0.5, (4, 8))
+
+
+def test_api_key_from_environment_like_vllm(monkeypatch):
+    monkeypatch.setenv("VLLM_API_KEY", "from-env")
+    assert parse_args(["m"]).api_key == "from-env"
+
+
+@pytest.mark.parametrize("argv, words", [
+    ([], "MODEL"),
+    (["m", "--max-num-seqs", "0"], "max-num-seqs"),
+    (["m", "--jitter", "1.5"], "jitter"),
+    (["m", "--fault-rate", "2"], "fault-rate"),
+    (["m", "--fault-mode", "explode"], "fault-mode"),
+    (["m", "--itl-ms", "fast"], "itl-ms"),
+    (["m", "--port", "70000"], "port"),
+    (["m", "--output-len-range", "9:3"], "output-len-range"),
+])
+def test_invalid_flags_exit_2_with_a_clear_message(argv, words, capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_args(argv)
+    assert info.value.code == 2
+    assert words in capsys.readouterr().err
