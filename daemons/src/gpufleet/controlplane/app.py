@@ -1,0 +1,129 @@
+"""The control plane's Flask application factory and what its blueprints share."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import redis
+from flask import Flask, current_app, jsonify
+from prometheus_client import CollectorRegistry
+from werkzeug.exceptions import HTTPException
+
+from gpufleet.common.rediskeys import RedisKeys
+from gpufleet.controlplane.config import ControlPlaneConfig
+from gpufleet.controlplane.db import Database
+from gpufleet.controlplane.metrics import ApiMetrics, FleetCollector
+from gpufleet.controlplane.prober import new_http
+from gpufleet.controlplane.publisher import Publisher
+from gpufleet.controlplane.validation import PayloadError
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": {"message", "code"}}`` with ``status``."""
+
+    def __init__(self, status: int, message: str, code: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+
+
+def error_response(status: int, message: str, code: str, field: str | None = None):
+    body = {"error": {"message": message, "code": code}}
+    if field:
+        body["error"]["field"] = field
+    return jsonify(body), status
+
+
+@dataclass
+class Services:
+    config: ControlPlaneConfig
+    db: Database
+    redis: redis.Redis
+    publisher: Publisher
+    registry: CollectorRegistry
+    metrics: ApiMetrics
+    fleet: FleetCollector
+    http: object  # urllib3.PoolManager for the immediate readyz probe
+
+
+def services() -> Services:
+    return current_app.extensions["gpufleet"]
+
+
+def create_app(config: ControlPlaneConfig) -> Flask:
+    app = Flask("gpufleet.controlplane")
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    app.json.sort_keys = False
+
+    db = Database(config.database_url, maxconn=10, application_name="gpufleet-controlplane")
+    client = redis.Redis.from_url(config.redis_url, decode_responses=True, socket_timeout=5,
+                                  socket_connect_timeout=5, health_check_interval=30)
+    registry = CollectorRegistry()
+    fleet = FleetCollector(db, config.stale_after_s)
+    registry.register(fleet)
+    app.extensions["gpufleet"] = Services(
+        config=config, db=db, redis=client,
+        publisher=Publisher(client, RedisKeys(config.redis_prefix), config.heartbeat_interval_s),
+        registry=registry, metrics=ApiMetrics(registry), fleet=fleet, http=new_http())
+
+    from gpufleet.controlplane.api_admin import admin  # noqa: PLC0415 - blueprints import this module
+    from gpufleet.controlplane.api_health import health
+    from gpufleet.controlplane.api_worker import worker_api
+
+    app.register_blueprint(health)
+    app.register_blueprint(worker_api)
+    app.register_blueprint(admin)
+
+    @app.errorhandler(ApiError)
+    def _api_error(exc: ApiError):
+        return error_response(exc.status, exc.message, exc.code)
+
+    @app.errorhandler(PayloadError)
+    def _payload_error(exc: PayloadError):
+        return error_response(exc.status, str(exc), "invalid_request", exc.field)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException):
+        if exc.code == 413:
+            return error_response(413, f"the request body is larger than {config.max_body_bytes} bytes "
+                                       "(GPUFLEET_MAX_BODY_BYTES)", "body_too_large")
+        return error_response(exc.code or 500, exc.description or exc.name, exc.name.lower().replace(" ", "_"))
+
+    @app.errorhandler(redis.RedisError)
+    def _redis_error(exc):
+        log.error("redis error: %s", exc)
+        return error_response(503, "redis is unreachable; retry shortly", "redis_unavailable")
+
+    import psycopg2  # noqa: PLC0415
+
+    @app.errorhandler(psycopg2.OperationalError)
+    def _db_error(exc):
+        log.error("database error: %s", exc)
+        return error_response(503, "the database is unreachable; retry shortly", "database_unavailable")
+
+    return app
+
+
+def read_json(request) -> dict:
+    """The request's JSON object, or a 400 naming the problem (413 comes from Flask)."""
+    if request.content_length is not None and request.content_length > services().config.max_body_bytes:
+        raise ApiError(413, f"the request body is larger than {services().config.max_body_bytes} bytes "
+                            "(GPUFLEET_MAX_BODY_BYTES)", "body_too_large")
+    data = request.get_json(silent=True, force=True)
+    if data is None:
+        raise PayloadError(None, "the request body must be JSON (Content-Type: application/json)")
+    if not isinstance(data, dict):
+        raise PayloadError(None, "the request body must be a JSON object")
+    return data
+
+
+def bearer_token(request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()

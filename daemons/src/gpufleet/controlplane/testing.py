@@ -1,0 +1,87 @@
+"""Helpers for tests that run the control plane and reconciler as real processes
+(this project's own tests and the agent's end-to-end tests).
+
+``daemons`` is the test harness's starter (``tests/conftest.py``): anything with
+``start(name, argv, env)``, ``script(name)``, ``port()`` and ``wait_http(url, ...)``.
+
+Also a tiny real HTTP server standing in for an agent's ``/readyz`` whose answer a test
+controls through a file: ``python -m gpufleet.controlplane.testing readyz-stub PORT FILE``
+(the file holds the status code to answer; missing file → 503).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.server
+from pathlib import Path
+
+from gpufleet.controlplane.migrate import migrate
+
+ADMIN_TOKEN = "gfa_test-admin-token-0123456789abcdef"
+
+
+def cp_env(database_url: str, redis_url: str, admin_token: str = ADMIN_TOKEN, **overrides) -> dict:
+    env = {
+        "GPUFLEET_DATABASE_URL": database_url,
+        "GPUFLEET_REDIS_URL": redis_url,
+        "GPUFLEET_ADMIN_TOKEN": admin_token,
+        "GPUFLEET_HEARTBEAT_INTERVAL_S": "1",
+        "GPUFLEET_RECONCILE_INTERVAL_S": "0.5",
+        "GPUFLEET_PROBE_TIMEOUT_S": "1",
+        "GPUFLEET_WORKERS": "2",
+        "GPUFLEET_SCALING_ENABLED": "false",
+    }
+    env.update({k: str(v) for k, v in overrides.items()})
+    return env
+
+
+def start_control_plane(daemons, env: dict, *, name: str = "controlplane", migrate_first: bool = True):
+    """Migrate, start ``gpufleet-controlplane`` on a free port, wait for /readyz; returns
+    (daemon, base_url)."""
+    if migrate_first:
+        migrate(env["GPUFLEET_DATABASE_URL"])
+    port = daemons.port()
+    daemon = daemons.start(name, [daemons.script("gpufleet-controlplane")],
+                           {**env, "GPUFLEET_BIND": f"127.0.0.1:{port}"})
+    base_url = f"http://127.0.0.1:{port}"
+    daemons.wait_http(base_url + "/readyz", timeout=60, proc=daemon)
+    return daemon, base_url
+
+
+def start_reconciler(daemons, env: dict, *, name: str = "reconciler"):
+    return daemons.start(name, [daemons.script("gpufleet-reconciler")], env)
+
+
+class _ReadyzHandler(http.server.BaseHTTPRequestHandler):
+    state_file: Path
+
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        try:
+            status = int(self.state_file.read_text().strip() or "503")
+        except (OSError, ValueError):
+            status = 503
+        body = b'{"status":"ready"}' if status == 200 else b'{"status":"not ready","reason":"stub says no"}'
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m gpufleet.controlplane.testing")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    stub = sub.add_parser("readyz-stub", help="answer every GET with the status code in FILE")
+    stub.add_argument("port", type=int)
+    stub.add_argument("file", type=Path)
+    args = parser.parse_args(argv)
+    handler = type("Handler", (_ReadyzHandler,), {"state_file": args.file})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", args.port), handler)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

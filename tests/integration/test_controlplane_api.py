@@ -1,0 +1,258 @@
+"""The control plane API on a real process, real PostgreSQL and Redis: worker tokens,
+registration and heartbeats, payload validation, the admin API."""
+
+import hashlib
+
+import psycopg2
+import pytest
+import requests
+
+from gpufleet.controlplane.testing import ADMIN_TOKEN, cp_env, start_control_plane
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+@pytest.fixture
+def cp(daemons, database_url, redis_url, redis_server):
+    _, base = start_control_plane(daemons, cp_env(database_url, redis_url))
+
+    class CP:
+        url = base
+        db = database_url
+        redis = redis_server.client()
+
+        def admin(self, method, path, **kw):
+            return requests.request(method, base + path, headers=ADMIN, timeout=10, **kw)
+
+        def add_instance(self, instance_id, **kw):
+            resp = self.admin("POST", "/v1/admin/instances", json={"instance_id": instance_id, **kw})
+            assert resp.status_code in (200, 201), resp.text
+            return resp
+
+        def register(self, instance_id, worker_id=None, token=None, **overrides):
+            body = registration(instance_id, worker_id, **overrides)
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            return requests.post(base + "/internal/worker/register", json=body, headers=headers, timeout=10)
+
+        def heartbeat(self, instance_id, token, worker_id=None, **fields):
+            body = {"instance_id": instance_id, "worker_id": worker_id or instance_id, "status": "starting",
+                    "model_id": "m1", **fields}
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            return requests.post(base + "/internal/worker/heartbeat", json=body, headers=headers, timeout=10)
+
+        def query(self, sql, args=()):
+            conn = psycopg2.connect(database_url)
+            try:
+                with conn, conn.cursor() as cur:
+                    cur.execute(sql, args)
+                    return cur.fetchall()
+            finally:
+                conn.close()
+
+    yield CP()
+    CP.redis.close()
+
+
+def registration(instance_id, worker_id=None, **overrides):
+    body = {"instance_id": instance_id, "worker_id": worker_id or instance_id, "provider_instance_id": "prov-1",
+            "model_id": "m1", "advertise_url": "http://127.0.0.1:1", "agent_url": "http://127.0.0.1:1",
+            "tensor_parallel_size": 1, "gpu_memory_utilization": 0.9,
+            "gpus": [{"index": 0, "name": "H100", "memory_total_mb": 81559}], "agent_version": "0.2.0"}
+    body.update(overrides)
+    return body
+
+
+def bootstrap(cp, instance_id):
+    cp.add_instance(instance_id)
+    resp = cp.register(instance_id)
+    assert resp.status_code == 200, resp.text
+    return resp.json()["bootstrap_token"]
+
+
+def test_bootstrap_issues_a_token_once_and_stores_only_its_hash(cp):
+    cp.add_instance("i1")
+    resp = cp.register("i1")
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    token = body["bootstrap_token"]
+    assert token.startswith("gfw_") and body["worker_id"] == "i1" and body["heartbeat_interval_s"] == 1.0
+    # the database holds a hash and a short prefix, never the token
+    rows = cp.query("SELECT * FROM worker_auth_tokens")
+    assert len(rows) == 1
+    dump = repr(cp.query("SELECT * FROM worker_auth_tokens")) + repr(cp.query("SELECT * FROM workers"))
+    assert token not in dump and token[4:] not in dump
+    # a second bootstrap is refused; the token itself works
+    second = cp.register("i1")
+    assert second.status_code == 409 and second.json()["error"]["code"] == "token_already_issued"
+    again = cp.register("i1", token=token)
+    assert again.status_code == 200 and "bootstrap_token" not in again.json()
+    assert cp.query("SELECT last_used_at IS NOT NULL FROM worker_auth_tokens") == [(True,)]
+
+
+def test_unknown_and_retired_instances_are_refused(cp):
+    resp = cp.register("nobody")
+    assert resp.status_code == 403 and "gpufleet instances add nobody" in resp.json()["error"]["message"]
+    token = bootstrap(cp, "old")
+    assert cp.admin("POST", "/v1/admin/instances/old/retire").status_code == 200
+    assert cp.register("old", token=token).status_code == 403
+    assert cp.heartbeat("old", token).status_code == 403
+    assert cp.query("SELECT count(*) FROM workers WHERE instance_id = 'nobody'") == [(0,)]
+
+
+def test_a_token_is_bound_to_its_instance(cp):
+    token_a = bootstrap(cp, "a")
+    token_b = bootstrap(cp, "b")
+    # A's token cannot register or heartbeat as B, nor claim B's worker
+    assert cp.register("b", token=token_a).status_code == 403
+    assert cp.heartbeat("b", token_a).status_code == 403
+    assert cp.register("a", worker_id="b", token=token_a).status_code == 403
+    assert cp.heartbeat("a", token_a, worker_id="b").status_code == 403
+    # garbage and missing tokens
+    assert cp.heartbeat("a", "gfw_nonsense").status_code == 401
+    assert cp.heartbeat("a", None).status_code == 401
+    assert cp.register("a", token="gfw_nonsense").status_code == 401
+    assert cp.heartbeat("a", token_a).status_code == 200
+    assert cp.heartbeat("b", token_b).status_code == 200
+    metrics = requests.get(cp.url + "/metrics", timeout=10).text
+    assert 'gpufleet_cp_auth_failures_total{kind="worker",reason="wrong_instance"}' in metrics
+
+
+def test_rotation_invalidates_the_old_token_at_once(cp):
+    old = bootstrap(cp, "i1")
+    assert cp.heartbeat("i1", old).status_code == 200
+    resp = cp.admin("POST", "/v1/admin/instances/i1/rotate-token")
+    assert resp.status_code == 200
+    new = resp.json()["token"]
+    assert new != old and new.startswith("gfw_")
+    assert cp.heartbeat("i1", old).status_code == 401
+    assert cp.register("i1", token=old).status_code == 401
+    assert cp.heartbeat("i1", new).status_code == 200
+    assert cp.register("i1", token=new).status_code == 200
+    assert cp.admin("POST", "/v1/admin/instances/ghost/rotate-token").status_code == 404
+
+
+BAD_REGISTRATIONS = [
+    ({"instance_id": None}, "instance_id"),
+    ({"model_id": None}, "model_id"),
+    ({"advertise_url": "not a url"}, "advertise_url"),
+    ({"agent_url": "ftp://x:1"}, "agent_url"),
+    ({"tensor_parallel_size": "2"}, "tensor_parallel_size"),
+    ({"tensor_parallel_size": True}, "tensor_parallel_size"),
+    ({"gpu_memory_utilization": 3}, "gpu_memory_utilization"),
+    ({"gpus": "all"}, "gpus"),
+    ({"gpus": [{"index": "zero"}]}, "index"),
+    ({"worker_id": "has space"}, "worker_id"),
+]
+
+
+def test_bad_registrations_name_the_field_and_change_nothing(cp):
+    cp.add_instance("i1")
+    for change, field in BAD_REGISTRATIONS:
+        body = registration("i1")
+        for key, value in change.items():
+            if value is None:
+                body.pop(key)
+            else:
+                body[key] = value
+        resp = requests.post(cp.url + "/internal/worker/register", json=body, timeout=10)
+        assert resp.status_code == 400, (change, resp.text)
+        error = resp.json()["error"]
+        assert field in error["message"] and error["code"] == "invalid_request", (change, error)
+    assert cp.query("SELECT count(*) FROM worker_auth_tokens") == [(0,)]
+    assert cp.query("SELECT count(*) FROM workers") == [(0,)]
+
+
+def test_bad_heartbeats_huge_bodies_and_non_json(cp):
+    token = bootstrap(cp, "i1")
+    headers = {"Authorization": f"Bearer {token}"}
+    url = cp.url + "/internal/worker/heartbeat"
+    for body, field in [({"instance_id": "i1", "worker_id": "i1", "model_id": "m1"}, "status"),
+                        ({"instance_id": "i1", "worker_id": "i1", "model_id": "m1", "status": "dancing"}, "status"),
+                        ({"instance_id": "i1", "worker_id": "i1", "model_id": "m1", "status": "ready",
+                          "queue_depth": "many"}, "queue_depth"),
+                        ({"instance_id": "i1", "worker_id": "i1", "model_id": "m1", "status": "ready",
+                          "kv_cache_usage": 7}, "kv_cache_usage")]:
+        resp = requests.post(url, json=body, headers=headers, timeout=10)
+        assert resp.status_code == 400 and field in resp.json()["error"]["message"], resp.text
+    assert cp.query("SELECT last_heartbeat_at FROM workers") == [(None,)]
+    huge = registration("i1", agent_version="x" * 100_000)
+    resp = requests.post(cp.url + "/internal/worker/register", json=huge, headers=headers, timeout=10)
+    assert resp.status_code == 413 and "GPUFLEET_MAX_BODY_BYTES" in resp.json()["error"]["message"]
+    resp = requests.post(url, data="{not json", headers=headers, timeout=10)
+    assert resp.status_code == 400 and "JSON" in resp.json()["error"]["message"]
+    resp = requests.post(url, json=[1, 2], headers=headers, timeout=10)
+    assert resp.status_code == 400
+    assert cp.query("SELECT agent_version, last_heartbeat_at FROM workers") == [("0.2.0", None)]
+
+
+def test_heartbeat_updates_the_row_and_delivers_drain_and_undrain(cp):
+    token = bootstrap(cp, "i1")
+    resp = cp.heartbeat("i1", token, status="starting", queue_depth=3, gpu_util=55.5, ttft_p95_ms=120)
+    assert resp.status_code == 200 and resp.json() == {}
+    assert cp.query("SELECT status, queue_depth, gpu_util, ttft_p95_ms FROM workers") == [("starting", 3, 55.5, 120)]
+    assert cp.admin("POST", "/v1/admin/workers/i1/drain").status_code == 200
+    assert cp.heartbeat("i1", token).json() == {"desired_status": "draining"}
+    assert cp.admin("POST", "/v1/admin/workers/i1/undrain").status_code == 200
+    # the undrain is delivered until the worker reports ready again
+    assert cp.heartbeat("i1", token, status="draining").json() == {"desired_status": "ready"}
+    assert cp.heartbeat("i1", token, status="ready").json() == {}
+    assert cp.admin("POST", "/v1/admin/workers/ghost/drain").status_code == 404
+    assert cp.heartbeat("i1", token, worker_id="i1", model_id="other").status_code == 409
+
+
+def test_admin_api_requires_the_admin_token(cp):
+    for method, path in [("GET", "/v1/admin/instances"), ("POST", "/v1/admin/instances"),
+                         ("GET", "/v1/admin/workers"), ("GET", "/v1/admin/keys"), ("POST", "/v1/admin/keys"),
+                         ("DELETE", "/v1/admin/keys/x"), ("GET", "/v1/admin/status"),
+                         ("GET", "/v1/admin/scaling"), ("POST", "/v1/admin/instances/i/rotate-token"),
+                         ("POST", "/v1/admin/workers/w/drain")]:
+        for headers in ({}, {"Authorization": "Bearer wrong-token-0123456789"}, {"Authorization": ADMIN_TOKEN}):
+            resp = requests.request(method, cp.url + path, headers=headers, json={}, timeout=10)
+            assert resp.status_code == 401, (method, path, headers, resp.text)
+            assert set(resp.json()["error"]) == {"message", "code"}
+    assert cp.query("SELECT count(*) FROM instances") == [(0,)]
+
+
+def test_instances_add_is_idempotent_and_listed(cp):
+    first = cp.admin("POST", "/v1/admin/instances", json={"instance_id": "i1", "hostname": "gpu-1",
+                                                           "model_id": "m1", "provider_instance_id": "ocid1"})
+    assert first.status_code == 201
+    again = cp.admin("POST", "/v1/admin/instances", json={"instance_id": "i1", "hostname": "changed"})
+    assert again.status_code == 200 and again.json()["instance"]["hostname"] == "gpu-1"
+    bad = cp.admin("POST", "/v1/admin/instances", json={"hostname": "x"})
+    assert bad.status_code == 400 and "instance_id" in bad.json()["error"]["message"]
+    listed = cp.admin("GET", "/v1/admin/instances").json()["instances"]
+    assert [(i["instance_id"], i["hostname"], i["has_token"]) for i in listed] == [("i1", "gpu-1", False)]
+
+
+def test_keys_are_hashed_published_and_revoked(cp):
+    resp = cp.admin("POST", "/v1/admin/keys", json={"name": "team-a", "models": ["m1", "m2"], "rpm": 60})
+    assert resp.status_code == 201, resp.text
+    key, key_id = resp.json()["key"], resp.json()["key_id"]
+    assert key.startswith("gfk_")
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    assert cp.redis.hgetall(f"gpufleet:apikey:{digest}") == {"key_id": key_id, "name": "team-a",
+                                                             "models": "m1,m2", "rpm": "60"}
+    assert key not in repr(cp.query("SELECT * FROM api_keys"))
+    listed = cp.admin("GET", "/v1/admin/keys").text
+    assert key not in listed and digest not in listed and key_id in listed
+    assert cp.admin("DELETE", f"/v1/admin/keys/{key_id}").status_code == 200
+    assert not cp.redis.exists(f"gpufleet:apikey:{digest}")
+    assert cp.query("SELECT revoked_at IS NOT NULL FROM api_keys") == [(True,)]
+    assert cp.admin("DELETE", "/v1/admin/keys/key_unknown").status_code == 404
+    assert cp.admin("POST", "/v1/admin/keys", json={"name": "x", "rpm": -1}).status_code == 400
+
+
+def test_health_readiness_and_status(cp):
+    assert requests.get(cp.url + "/healthz", timeout=10).status_code == 200
+    assert requests.get(cp.url + "/readyz", timeout=10).json() == {"status": "ready"}
+    token = bootstrap(cp, "i1")
+    cp.heartbeat("i1", token, status="starting")
+    status = cp.admin("GET", "/v1/admin/status").json()
+    assert status["workers"]["total"] == 1 and status["workers"]["routable"] == 0
+    assert status["workers"]["by_status"] == {"starting": 1}
+    assert status["instances"]["total"] == 1
+    metrics = requests.get(cp.url + "/metrics", timeout=10).text
+    assert 'gpufleet_workers{health="starting"} 1.0' in metrics
+    assert 'gpufleet_cp_registrations_total{result="bootstrap"} 1.0' in metrics
+    assert 'gpufleet_cp_heartbeats_total{status="starting"} 1.0' in metrics
