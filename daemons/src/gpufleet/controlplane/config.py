@@ -56,7 +56,9 @@ class ControlPlaneConfig:
                 f"reconcile={self.reconcile_interval_s}s probe_timeout={self.probe_timeout_s}s")
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> ControlPlaneConfig:
+    def from_env(cls, environ: Mapping[str, str] | None = None, *,
+                 need_admin_token: bool = True) -> ControlPlaneConfig:
+        """``need_admin_token=False`` for the reconciler, which serves no admin API."""
         env = Env(environ)
         database_url = env.str("GPUFLEET_DATABASE_URL", required=True,
                                example="postgresql://gpufleet:PASSWORD@127.0.0.1:5432/gpufleet")
@@ -65,12 +67,13 @@ class ControlPlaneConfig:
                               "postgresql://gpufleet:PASSWORD@127.0.0.1:5432/gpufleet")
         redis_url = env.url("GPUFLEET_REDIS_URL", required=True, example="redis://:PASSWORD@127.0.0.1:6379/0",
                             schemes=("redis", "rediss", "unix"))
-        token = env.str("GPUFLEET_ADMIN_TOKEN", required=True, example="sha256:<hex of the admin token>")
+        token = env.str("GPUFLEET_ADMIN_TOKEN", required=need_admin_token,
+                        example="sha256:<hex of the admin token>")
         host, port = env.bind("GPUFLEET_BIND", "0.0.0.0:8003")
         return cls(
             database_url=database_url,
             redis_url=redis_url,
-            admin_token_hash=admin_token_hash(token),
+            admin_token_hash=admin_token_hash(token) if token else "",
             bind_host=host,
             bind_port=port,
             redis_prefix=env.str("GPUFLEET_REDIS_PREFIX", DEFAULT_PREFIX),

@@ -1,0 +1,192 @@
+"""``gpufleet-reconciler``: probes the workers, publishes the routable ones to Redis,
+re-syncs API keys and runs the scaling loop — on the leader only.
+
+Several may run (one per control-plane host); they elect a leader with a PostgreSQL
+advisory lock (``leader.py``). Followers poll the lock every reconcile interval and take
+over within one interval when the leader dies.
+
+Each cycle:
+1. probe ``GET {agent_url}/readyz`` of every worker of a live instance, concurrently
+   (bounded, with ``GPUFLEET_PROBE_TIMEOUT_S``), and record the result;
+2. decide routability with ``routability.assess`` (a pure function);
+3. publish routable workers (hash + TTL refresh, ready set, ``models``; ``ready`` event
+   when new) and unpublish the others (``unready``/``draining``/``removed`` event);
+4. remove from Redis any published worker the database no longer knows;
+5. make ``apikey:*`` exactly the active keys of PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+
+import redis
+
+from gpufleet.common.config import exit_on_config_error
+from gpufleet.common.logs import setup_logging
+from gpufleet.common.rediskeys import EVENT_REMOVED, RedisKeys
+from gpufleet.controlplane import keystore, store
+from gpufleet.controlplane.config import ControlPlaneConfig
+from gpufleet.controlplane.db import Database
+from gpufleet.controlplane.leader import LeaderLock, identity
+from gpufleet.controlplane.prober import new_http, probe_many
+from gpufleet.controlplane.publisher import Publisher
+from gpufleet.controlplane.routability import assess_row
+
+log = logging.getLogger("gpufleet.reconciler")
+
+# Workers silent for this many stale periods are no longer probed every cycle (a
+# deleted VM would otherwise cost a probe timeout forever); a heartbeat brings them back.
+_PROBE_SILENT_FACTOR = 20
+
+
+class Reconciler:
+    def __init__(self, config: ControlPlaneConfig, db: Database, publisher: Publisher, http=None):
+        self.config = config
+        self.db = db
+        self.publisher = publisher
+        self.http = http or new_http(maxsize=4)
+        self._last_health: dict[str, str] = {}
+
+    def probe(self, rows) -> int:
+        silent_after = self.config.stale_after_s * _PROBE_SILENT_FACTOR
+        targets = {r["worker_id"]: r["agent_url"] for r in rows
+                   if r["retired_at"] is None and r["heartbeat_age_s"] is not None
+                   and r["heartbeat_age_s"] < silent_after}
+        results = probe_many(self.http, targets, self.config.probe_timeout_s, self.config.probe_concurrency)
+        if results:
+            with self.db.cursor() as cur:
+                for worker_id, (ok, error) in results.items():
+                    store.record_probe(cur, worker_id, ok, error)
+        return len(results)
+
+    def reconcile_once(self) -> dict:
+        started = time.monotonic()
+        with self.db.cursor() as cur:
+            rows = store.list_workers(cur)
+        probed = self.probe(rows)
+        with self.db.cursor() as cur:
+            rows = store.list_workers(cur)
+            keys = keystore.active_keys(cur)
+
+        routable: dict[str, set[str]] = {}
+        known = {}
+        for row in rows:
+            known[row["worker_id"]] = row
+            verdict = assess_row(row, self.config.stale_after_s)
+            if self._last_health.get(row["worker_id"]) != verdict.health:
+                log.info("worker %s (%s): %s%s", row["worker_id"], row["model_id"], verdict.health,
+                         f" ({row['last_probe_error']})" if verdict.health == "probe_failed" else "")
+                self._last_health[row["worker_id"]] = verdict.health
+            if verdict.routable:
+                routable.setdefault(row["model_id"], set()).add(row["worker_id"])
+                self.publisher.publish_worker(
+                    row["worker_id"], row["model_id"], row["advertise_url"], status="ready",
+                    queue_depth=row["queue_depth"], running=row["running"],
+                    kv_cache_usage=row["kv_cache_usage"], gpu_util=row["gpu_util"],
+                    ttft_p95_ms=row["ttft_p95_ms"])
+            else:
+                self.publisher.unpublish_worker(row["worker_id"], row["model_id"], verdict.event)
+
+        # anything else in a ready set (a worker deleted from the database, or published
+        # under another model) leaves at once
+        for model_id, members in self.publisher.ready_workers().items():
+            for worker_id in members - routable.get(model_id, set()):
+                row = known.get(worker_id)
+                reason = EVENT_REMOVED if row is None else assess_row(row, self.config.stale_after_s).event
+                if reason == "ready":
+                    reason = "unready"
+                self.publisher.unpublish_worker(worker_id, model_id, reason)
+        self.publisher.prune_models()
+        self.publisher.sync_api_keys(keys)
+        for gone in set(self._last_health) - set(known):
+            del self._last_health[gone]
+
+        summary = {"workers": len(rows), "probed": probed,
+                   "routable": sum(len(v) for v in routable.values()),
+                   "ms": round((time.monotonic() - started) * 1000, 1)}
+        return summary
+
+    def record_cycle(self, leader: str, leader_since: float, summary: dict) -> None:
+        with self.db.cursor() as cur:
+            cur.execute("""
+                INSERT INTO reconciler_state (singleton, leader, leader_since, last_cycle_at, last_cycle_ms,
+                                              workers, routable)
+                VALUES (true, %s, to_timestamp(%s), now(), %s, %s, %s)
+                ON CONFLICT (singleton) DO UPDATE SET leader = EXCLUDED.leader,
+                    leader_since = EXCLUDED.leader_since, last_cycle_at = now(),
+                    last_cycle_ms = EXCLUDED.last_cycle_ms, workers = EXCLUDED.workers,
+                    routable = EXCLUDED.routable""",
+                        (leader, leader_since, summary["ms"], summary["workers"], summary["routable"]))
+
+
+def run(config: ControlPlaneConfig, stop: threading.Event) -> None:
+    db = Database(config.database_url, maxconn=2, application_name="gpufleet-reconciler")
+    client = redis.Redis.from_url(config.redis_url, decode_responses=True, socket_timeout=5,
+                                  socket_connect_timeout=5, health_check_interval=30)
+    publisher = Publisher(client, RedisKeys(config.redis_prefix), config.heartbeat_interval_s)
+    reconciler = Reconciler(config, db, publisher)
+    from gpufleet.controlplane.scaler import Scaler  # noqa: PLC0415 - the scaling loop is optional
+
+    scaler = Scaler(config.scaling, db, publisher, config.stale_after_s) if config.scaling.enabled else None
+    lock = LeaderLock(config.database_url)
+    me = identity()
+    leader_since = 0.0
+    waiting_logged = False
+    try:
+        while not stop.is_set():
+            cycle_start = time.monotonic()
+            if not lock.held:
+                if lock.try_acquire():
+                    leader_since = time.time()
+                    waiting_logged = False
+                    log.info("leader: %s now leads the reconcilers", me)
+                    if scaler:
+                        scaler.restore()
+                else:
+                    if not waiting_logged:
+                        log.info("follower: another reconciler leads; %s waits to take over", me)
+                        waiting_logged = True
+                    stop.wait(config.reconcile_interval_s)
+                    continue
+            elif not lock.still_held():
+                log.error("leader: %s lost leadership; back to following", me)
+                continue
+            try:
+                summary = reconciler.reconcile_once()
+                reconciler.record_cycle(me, leader_since, summary)
+                log.debug("cycle: %s", summary)
+                if scaler:
+                    scaler.maybe_run(time.time())
+            except (redis.RedisError, OSError) as exc:
+                log.error("cycle failed (redis): %s", exc)
+            except Exception:  # noqa: BLE001 - one bad cycle must not kill the loop
+                log.exception("cycle failed")
+            stop.wait(max(0.0, config.reconcile_interval_s - (time.monotonic() - cycle_start)))
+    finally:
+        lock.release()
+        db.close()
+        client.close()
+        log.info("reconciler %s stopped", me)
+
+
+@exit_on_config_error
+def main() -> None:
+    config = ControlPlaneConfig.from_env(need_admin_token=False)
+    setup_logging("gpufleet.reconciler", config.log_level)
+    log.info("reconciler %s: %s", identity(), config.describe())
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        log.info("signal %d: stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    run(config, stop)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""The reconciler as real processes against real PostgreSQL and Redis, with a real tiny
+HTTP server standing in for the agent's /readyz (the full agent path is covered by the
+agent's end-to-end tests): publication, removal on a failed probe or a stale heartbeat,
+API key re-sync, and leader election between two reconcilers."""
+
+import json
+import sys
+import threading
+import time
+
+import psycopg2
+import pytest
+import requests
+
+from gpufleet.controlplane.testing import ADMIN_TOKEN, cp_env, start_control_plane, start_reconciler
+from support.procs import wait_until
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+class Agent:
+    """Plays the agent's control-plane side: registers, then heartbeats in a thread while
+    ``beating`` is set. Its /readyz is a real stub process answering ``self.readyz``."""
+
+    def __init__(self, cp_url, instance_id, agent_url, state_file):
+        self.cp_url, self.instance_id, self.agent_url, self.state_file = cp_url, instance_id, agent_url, state_file
+        self.status = "ready"
+        self.beating = threading.Event()
+        self.answers = []
+        self._stop = threading.Event()
+        self.readyz(200)
+        requests.post(cp_url + "/v1/admin/instances", json={"instance_id": instance_id}, headers=ADMIN, timeout=10)
+        resp = requests.post(cp_url + "/internal/worker/register", timeout=10, json={
+            "instance_id": instance_id, "worker_id": instance_id, "model_id": "m1",
+            "advertise_url": "http://127.0.0.1:8000", "agent_url": agent_url, "tensor_parallel_size": 1,
+            "gpus": [], "agent_version": "test"})
+        assert resp.status_code == 200, resp.text
+        self.token = resp.json()["bootstrap_token"]
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def readyz(self, status: int):
+        self.state_file.write_text(str(status))
+
+    def beat(self):
+        resp = requests.post(self.cp_url + "/internal/worker/heartbeat", timeout=10,
+                             headers={"Authorization": f"Bearer {self.token}"},
+                             json={"instance_id": self.instance_id, "worker_id": self.instance_id,
+                                   "status": self.status, "model_id": "m1", "queue_depth": 2})
+        self.answers.append(resp.status_code)
+
+    def _loop(self):
+        while not self._stop.is_set():
+            if self.beating.is_set():
+                try:
+                    self.beat()
+                except requests.RequestException:
+                    pass
+            self._stop.wait(0.3)
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+@pytest.fixture
+def fleet(daemons, database_url, redis_url, redis_server, tmp_path):
+    env = cp_env(database_url, redis_url)
+    _, cp_url = start_control_plane(daemons, env)
+    client = redis_server.client()
+    agents = []
+
+    class Fleet:
+        url = cp_url
+        redis = client
+
+        def reconciler(self, name="reconciler"):
+            return start_reconciler(daemons, env, name=name)
+
+        def agent(self, instance_id):
+            port = daemons.port()
+            state = tmp_path / f"{instance_id}.readyz"
+            state.write_text("200")
+            stub = daemons.start(f"readyz-{instance_id}", [sys.executable, "-m", "gpufleet.controlplane.testing",
+                                                           "readyz-stub", str(port), str(state)])
+            daemons.wait_http(f"http://127.0.0.1:{port}/readyz", proc=stub)
+            agent = Agent(cp_url, instance_id, f"http://127.0.0.1:{port}", state)
+            agents.append(agent)
+            return agent
+
+        def ready(self, model="m1"):
+            return client.smembers(f"gpufleet:workers:ready:{model}")
+
+        def sql(self, statement, args=()):
+            conn = psycopg2.connect(database_url)
+            try:
+                with conn, conn.cursor() as cur:
+                    cur.execute(statement, args)
+                    return cur.fetchall() if cur.description else None
+            finally:
+                conn.close()
+
+    yield Fleet()
+    for agent in agents:
+        agent.close()
+    client.close()
+
+
+def test_publishes_a_ready_worker_and_removes_it_when_readyz_fails(fleet):
+    fleet.reconciler()
+    events = fleet.redis.pubsub(ignore_subscribe_messages=True)
+    events.subscribe("gpufleet:events")
+    agent = fleet.agent("w1")
+    agent.beating.set()
+    wait_until(lambda: fleet.ready() == {"w1"}, timeout=20, what="w1 in the ready set")
+    worker = fleet.redis.hgetall("gpufleet:worker:w1")
+    assert worker["url"] == "http://127.0.0.1:8000" and worker["status"] == "ready"
+    assert worker["queue_depth"] == "2"
+    assert 0 < fleet.redis.pttl("gpufleet:worker:w1") <= 3000
+    assert fleet.redis.smembers("gpufleet:models") == {"m1"}
+    # with the heartbeats paused, only the reconciler can restore what Redis lost
+    agent.beating.clear()
+    time.sleep(0.4)
+    fleet.redis.delete("gpufleet:workers:ready:m1", "gpufleet:models", "gpufleet:worker:w1")
+    wait_until(lambda: fleet.ready() == {"w1"} and fleet.redis.exists("gpufleet:worker:w1"), timeout=2.5,
+               interval=0.05, what="the reconciler republishes w1")
+    agent.beating.set()
+
+    agent.readyz(503)
+    started = time.monotonic()
+    wait_until(lambda: fleet.ready() == set(), timeout=20, what="w1 out of the ready set")
+    # one cycle is 0.5 s; allow a loaded machine some slack, but not a stale-heartbeat period
+    assert time.monotonic() - started < 2.9
+    assert fleet.redis.smembers("gpufleet:models") == set()
+    error = fleet.sql("SELECT last_probe_ok, consecutive_probe_failures > 0, last_probe_error FROM workers")[0]
+    assert error[0] is False and error[1] is True and "503" in error[2]
+    seen = []
+    wait_until(lambda: seen.extend(m for m in iter(lambda: events.get_message(timeout=0.1), None)) or
+               {"ready", "unready"} <= {json.loads(m["data"])["type"] for m in seen}, timeout=10, what="events")
+    events.close()
+
+    agent.readyz(200)
+    wait_until(lambda: fleet.ready() == {"w1"}, timeout=20, what="w1 back after readyz recovers")
+
+
+def test_removes_a_worker_whose_heartbeat_goes_stale(fleet):
+    fleet.reconciler()
+    agent = fleet.agent("w1")
+    agent.beating.set()
+    wait_until(lambda: fleet.ready() == {"w1"}, timeout=20, what="w1 ready")
+    agent.beating.clear()
+    stopped = time.monotonic()
+    wait_until(lambda: fleet.ready() == set(), timeout=20, what="w1 removed when stale")
+    # stale after 3 × 1 s of silence, then within about one 0.5 s cycle
+    elapsed = time.monotonic() - stopped
+    assert 2.0 < elapsed < 6.0, elapsed
+    health = requests.get(fleet.url + "/v1/admin/workers", headers=ADMIN, timeout=10).json()["workers"][0]
+    assert health["health"] == "stale" and health["routable"] is False
+
+
+def test_drained_and_deleted_workers_leave_at_once_and_stay_out(fleet):
+    fleet.reconciler()
+    a, b = fleet.agent("w1"), fleet.agent("w2")
+    a.beating.set()
+    b.beating.set()
+    wait_until(lambda: fleet.ready() == {"w1", "w2"}, timeout=20, what="both ready")
+    resp = requests.post(fleet.url + "/v1/admin/workers/w1/drain", headers=ADMIN, timeout=10)
+    assert resp.status_code == 200
+    assert fleet.ready() == {"w2"}  # removed by the API call itself, not a later cycle
+    time.sleep(1.5)  # several reconcile cycles and heartbeats later it is still out
+    assert fleet.ready() == {"w2"}
+    assert fleet.redis.hget("gpufleet:worker:w1", "status") in ("draining", None)
+    requests.post(fleet.url + "/v1/admin/workers/w1/undrain", headers=ADMIN, timeout=10)
+    wait_until(lambda: fleet.ready() == {"w1", "w2"}, timeout=20, what="w1 back after undrain")
+    # a worker the database forgets is removed from Redis by the next cycle
+    b.beating.clear()
+    fleet.sql("DELETE FROM workers WHERE worker_id = 'w2'")
+    wait_until(lambda: fleet.ready() == {"w1"}, timeout=20, what="deleted w2 gone")
+    wait_until(lambda: not fleet.redis.exists("gpufleet:worker:w2"), timeout=20, what="w2 hash gone")
+
+
+def test_api_keys_are_resynced_each_cycle(fleet):
+    resp = requests.post(fleet.url + "/v1/admin/keys", json={"name": "a"}, headers=ADMIN, timeout=10)
+    key_id = resp.json()["key_id"]
+    digest = fleet.sql("SELECT key_hash FROM api_keys")[0][0]
+    fleet.redis.delete(f"gpufleet:apikey:{digest}")  # lost (e.g. Redis restarted empty)
+    fleet.redis.hset("gpufleet:apikey:" + "0" * 64, mapping={"key_id": "intruder", "name": "x"})
+    fleet.reconciler()
+    wait_until(lambda: fleet.redis.hget(f"gpufleet:apikey:{digest}", "key_id") == key_id, timeout=20,
+               what="key restored")
+    wait_until(lambda: not fleet.redis.exists("gpufleet:apikey:" + "0" * 64), timeout=20, what="unknown key deleted")
+    fleet.sql("UPDATE api_keys SET revoked_at = now()")  # revoked behind the API's back
+    wait_until(lambda: not fleet.redis.exists(f"gpufleet:apikey:{digest}"), timeout=20, what="revoked key gone")
+
+
+def _leader(fleet):
+    rows = fleet.sql("""SELECT a.pid FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+                        WHERE l.locktype = 'advisory' AND l.granted AND l.objid = %s""", (0x67660002,))
+    return rows
+
+
+def test_two_reconcilers_one_leads_and_the_other_takes_over(fleet):
+    first = fleet.reconciler("reconciler-1")
+    wait_until(lambda: "now leads" in first.output(), timeout=20, what="first reconciler leads")
+    second = fleet.reconciler("reconciler-2")
+    wait_until(lambda: "waits to take over" in second.output(), timeout=20, what="second follows")
+    agent = fleet.agent("w1")
+    agent.beating.set()
+    wait_until(lambda: fleet.ready() == {"w1"}, timeout=20, what="w1 ready")
+    assert len(_leader(fleet)) == 1
+    assert "now leads" not in second.output()
+    state = fleet.sql("SELECT leader FROM reconciler_state")[0][0]
+    assert state.endswith(f":{first.pid}")
+
+    first.kill9()
+    wait_until(lambda: "now leads" in second.output(), timeout=20, what="second takes over")
+    wait_until(lambda: fleet.sql("SELECT leader FROM reconciler_state")[0][0].endswith(f":{second.pid}"),
+               timeout=20, what="second records its cycles")
+    # the new leader does the work: a failing probe takes w1 out
+    agent.readyz(503)
+    wait_until(lambda: fleet.ready() == set(), timeout=20, what="w1 removed by the new leader")
+    assert len(_leader(fleet)) == 1
