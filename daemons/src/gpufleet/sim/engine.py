@@ -78,29 +78,30 @@ class Engine:
                 await asyncio.sleep(delay)
             metrics.prompt_tokens.inc(req.prompt_tokens)
             stream = self._token_stream(req)
+            next_token = stream.next_token
             eos_at = -1 if req.ignore_eos else max(stream.natural_length, req.min_tokens)
-            stops = textgen.StopChecker(req.stops)
+            stops = textgen.StopChecker(req.stops) if req.stops else None
+            pieces: list[str] = []
+            itl_zero = latency.itl_s == 0 and not slow
             max_tokens = req.max_tokens
             generated = 0
-            pending_sleep = 0.0
-            last_token_at = None
+            step = pending_sleep = 0.0
+            last_token_at = 0.0
             while True:
-                if generated > 0:
+                if generated > 0 and not itl_zero:
                     step = latency.itl(scheduler.running, rng, slow)
                     if emit is not None:
-                        if step > 0:
-                            await asyncio.sleep(step)
+                        await asyncio.sleep(step)
                     else:
                         pending_sleep += step
                         if pending_sleep >= NON_STREAM_SLEEP_S:
                             await asyncio.sleep(pending_sleep)
                             pending_sleep = 0.0
                 if generated == eos_at:
-                    piece = ""
-                    finish, stop_reason = "stop", None
+                    piece, finish = "", "stop"
                 else:
-                    piece = stream.next_token()
-                    finish, stop_reason = None, None
+                    piece, finish = next_token(), None
+                stop_reason = None
                 generated += 1
                 self.kv_tokens += 1
                 kv_held += 1
@@ -110,24 +111,32 @@ class Engine:
                     metrics.ttft.observe(now - arrival)
                 elif emit is not None:
                     metrics.itl.observe(now - last_token_at)
-                else:
+                elif not itl_zero:
                     metrics.itl.observe(step)
                 last_token_at = now
-                text, hit = stops.feed(piece)
-                if hit is not None:
-                    finish, stop_reason = "stop", hit
-                elif finish is None and generated >= max_tokens:
-                    finish = "length"
-                if finish is not None:
-                    text += stops.flush()
-                if emit is not None and (text or finish is not None):
+                if stops is None:
+                    text = piece
+                    pieces.append(piece)
+                    if finish is None and generated >= max_tokens:
+                        finish = "length"
+                else:
+                    text, hit = stops.feed(piece)
+                    if hit is not None:
+                        finish, stop_reason = "stop", hit
+                    elif finish is None and generated >= max_tokens:
+                        finish = "length"
+                    if finish is not None:
+                        text += stops.flush()
+                if emit is not None and (text or finish is not None or generated == 1):
                     await emit(text, finish, stop_reason)
                 if finish is not None:
                     break
             if pending_sleep > 0:
                 await asyncio.sleep(pending_sleep)
+            if itl_zero and emit is None and generated > 1:
+                metrics.itl.observe(0.0, generated - 1)  # one update for the whole answer
             metrics.generation_tokens.inc(generated)
-            outcome = Outcome(stops.text, finish, stop_reason, generated)
+            outcome = Outcome(stops.text if stops is not None else "".join(pieces), finish, stop_reason, generated)
             return outcome
         except BaseException:
             outcome.completion_tokens = kv_held - req.prompt_tokens
