@@ -1,0 +1,263 @@
+#!/usr/bin/env python3
+"""What does gpufleet-router cost on the request path, against nginx measured in the same run?
+
+Starts, as real processes on loopback:
+  - a backend that answers instantly: nginx ``return 200`` with a chat-completion JSON body;
+  - nginx ``proxy_pass`` to that backend (keep-alive upstream): the near-zero-overhead reference;
+  - Redis, and gpufleet-router (gunicorn + gevent) with the backend published as a worker
+    through the control plane's Publisher and an API key, exactly as production writes them.
+
+Then measures each path (direct, nginx, router) with the same tools:
+  - saturation: wrk with a Lua POST script (``-t2 -c64``), requests/s;
+  - latency at a fixed moderate rate: an open-loop generator (below) sending at 200 req/s over
+    keep-alive connections and timing each request from its *scheduled* send time (so a stall
+    is not hidden by coordinated omission); p50/p99, and what each path adds to direct.
+
+Usage: bench/router_overhead.py [--duration 8] [--rate 200] [--processes N] [--connections 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import redis
+
+from gpufleet.common.ids import sha256_hex
+from gpufleet.common.rediskeys import RedisKeys
+from gpufleet.controlplane.publisher import Publisher
+
+BIN = Path(sys.executable).parent
+MODEL = "bench-model"
+API_KEY = "gfk_bench_" + "x" * 32
+BODY = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 8})
+ANSWER = json.dumps({"id": "chatcmpl-bench", "object": "chat.completion", "created": 0, "model": MODEL,
+                     "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
+                                  "finish_reason": "stop"}],
+                     "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}})
+
+
+def free_port() -> int:
+    with contextlib.closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+class Procs:
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, name: str, argv: list[str], env: dict | None = None) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def nginx_conf(tmp: Path, backend_port: int, proxy_port: int) -> Path:
+    answer = ANSWER.replace("'", "\\'")
+    conf = f"""
+worker_processes 1;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    keepalive_requests 1000000;
+    upstream backend {{ server 127.0.0.1:{backend_port}; keepalive 128; }}
+    server {{
+        listen 127.0.0.1:{backend_port};
+        location / {{ default_type application/json; return 200 '{answer}'; }}
+    }}
+    server {{
+        listen 127.0.0.1:{proxy_port};
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }}
+    }}
+}}
+"""
+    path = tmp / "nginx.conf"
+    path.write_text(conf)
+    return path
+
+
+def wrk(url: str, duration: int, connections: int, tmp: Path) -> float:
+    script = tmp / "post.lua"
+    script.write_text(
+        'wrk.method = "POST"\n'
+        f"wrk.body = {json.dumps(BODY)}\n"
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        f'wrk.headers["Authorization"] = "Bearer {API_KEY}"\n')
+    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "-s", str(script), url],
+                         capture_output=True, text=True, timeout=duration + 60).stdout
+    match = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    if not match or non2xx:
+        raise RuntimeError(f"wrk against {url} failed:\n{out}")
+    return float(match.group(1))
+
+
+class OpenLoop:
+    """Requests sent on a fixed schedule (``rate`` per second) from a few threads, each on
+    its own keep-alive connection; a request's latency runs from its scheduled time."""
+
+    def __init__(self, port: int, path: str, rate: float, duration: float, threads: int = 16):
+        self.port, self.rate, self.duration, self.threads = port, rate, duration, threads
+        body = BODY.encode()
+        self.request = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+                        f"Authorization: Bearer {API_KEY}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+        self.total = int(rate * duration)
+        self._next = 0
+        self._lock = threading.Lock()
+        self.latencies: list[float] = []
+        self.errors = 0
+
+    def _take(self) -> int | None:
+        with self._lock:
+            if self._next >= self.total:
+                return None
+            self._next += 1
+            return self._next - 1
+
+    def _worker(self, start: float) -> None:
+        sock = socket.create_connection(("127.0.0.1", self.port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        reader = sock.makefile("rb")
+        while (i := self._take()) is not None:
+            scheduled = start + i / self.rate
+            delay = scheduled - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            sock.sendall(self.request)
+            status = reader.readline()
+            length = 0
+            while (line := reader.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            reader.read(length)
+            done = time.perf_counter()
+            if b" 200 " not in status:
+                self.errors += 1
+            self.latencies.append(done - scheduled)
+        sock.close()
+
+    def run(self) -> tuple[float, float]:
+        start = time.perf_counter() + 0.2
+        workers = [threading.Thread(target=self._worker, args=(start,)) for _ in range(self.threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        if self.errors:
+            raise RuntimeError(f"{self.errors} requests failed on port {self.port}")
+        q = statistics.quantiles(self.latencies, n=100)
+        return q[49] * 1000, q[98] * 1000
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=int, default=8, help="seconds per saturation run")
+    parser.add_argument("--rate", type=float, default=200.0, help="requests/s of the latency runs")
+    parser.add_argument("--latency-seconds", type=float, default=10.0)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="router processes")
+    args = parser.parse_args()
+    for tool in ("nginx", "wrk", "redis-server"):
+        if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
+            print(f"{tool} is missing: run `make deps` (GPUFLEET_WITH_BENCH=1)", file=sys.stderr)
+            return 2
+
+    tmp = Path(tempfile.mkdtemp(prefix="gpufleet-bench-router-"))
+    procs = Procs(tmp)
+    try:
+        backend, proxy, redis_port, router = free_port(), free_port(), free_port(), free_port()
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        procs.start("nginx", [nginx, "-c", str(nginx_conf(tmp, backend, proxy)), "-p", str(tmp)])
+        procs.start("redis", ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                              "--appendonly", "no", "--dir", str(tmp)])
+        wait_port(backend), wait_port(proxy), wait_port(redis_port)
+        redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        client = redis.Redis.from_url(redis_url)
+        publisher = Publisher(client, RedisKeys(), heartbeat_interval_s=3600)
+        publisher.publish_worker("bench-w1", MODEL, f"http://127.0.0.1:{backend}")
+        publisher.publish_api_key(sha256_hex(API_KEY), "bench", "bench")
+        procs.start("router", [str(BIN / "gpufleet-router")], {
+            "GPUFLEET_REDIS_URL": redis_url, "GPUFLEET_BIND": f"127.0.0.1:{router}",
+            "GPUFLEET_ROUTER_PROCESSES": str(args.processes), "GPUFLEET_LOG_LEVEL": "WARNING"})
+        wait_port(router)
+        time.sleep(1.0)
+
+        paths = [("direct", backend), ("nginx", proxy), ("gpufleet-router", router)]
+        # warm-up (connection pools, the router's key cache and lease script)
+        for _, port in paths:
+            wrk(f"http://127.0.0.1:{port}/v1/chat/completions", 2, 16, tmp)
+        rps = {name: wrk(f"http://127.0.0.1:{port}/v1/chat/completions", args.duration, args.connections, tmp)
+               for name, port in paths}
+        lat = {name: OpenLoop(port, "/v1/chat/completions", args.rate, args.latency_seconds).run()
+               for name, port in paths}
+    finally:
+        procs.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    d50, d99 = lat["direct"]
+    n50, n99 = lat["nginx"]
+    print(f"\nrouter overhead on {os.cpu_count()} cores; router processes: {args.processes}; "
+          f"wrk -t2 -c{args.connections} -d{args.duration}s; latency: open loop at {args.rate:.0f} req/s "
+          f"for {args.latency_seconds:.0f} s")
+    print(f"{'path':<16} {'req/s':>9} {'vs nginx':>9} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'+p50 ms':>8} {'+p99 ms':>8} {'+p50 vs nginx':>14}")
+    for name, _ in paths:
+        p50, p99 = lat[name]
+        added50, added99 = p50 - d50, p99 - d99
+        ref = (n50 - d50) or 1e-9
+        print(f"{name:<16} {rps[name]:>9.0f} {rps[name] / rps['nginx']:>8.2f}x {p50:>8.2f} {p99:>8.2f} "
+              f"{added50:>8.2f} {added99:>8.2f} {(added50 / ref if name != 'direct' else 0):>13.1f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
