@@ -217,6 +217,10 @@ def status():
         workers = store.list_workers(cur)
         instances = store.list_instances(cur)
         keys = keystore.list_keys(cur, include_revoked=False)
+        cur.execute("""SELECT leader, leader_since, last_cycle_at, last_cycle_ms,
+                              extract(epoch FROM now() - last_cycle_at)::float8 AS last_cycle_age_s
+                       FROM reconciler_state""")
+        reconciler = cur.fetchone()
     by_health: dict[str, int] = {}
     by_status: dict[str, int] = {}
     models: dict[str, dict] = {}
@@ -236,6 +240,10 @@ def status():
         "models": models,
         "routable_models": sorted(m for m, e in models.items() if e["routable"]),
         "api_keys": {"active": len(keys)},
+        "reconciler": {"leader": reconciler["leader"], "leader_since": _iso(reconciler["leader_since"]),
+                       "last_cycle_at": _iso(reconciler["last_cycle_at"]),
+                       "last_cycle_age_s": round(reconciler["last_cycle_age_s"], 3),
+                       "last_cycle_ms": reconciler["last_cycle_ms"]} if reconciler else None,
     })
 
 
