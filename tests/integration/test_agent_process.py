@@ -1,0 +1,72 @@
+"""The agent as a process: configuration errors, and a control plane that is away."""
+
+import os
+import subprocess
+import time
+
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from gpufleet.agent.testing import TcpRelay, agent_env, start_agent, start_sim
+from gpufleet.controlplane.testing import ADMIN_TOKEN, cp_env, start_control_plane
+from support.procs import console_script, wait_until
+
+AGENT_VARS = ("INSTANCE_ID", "CONTROL_PLANE_URL", "MODEL_ID", "HEARTBEAT_INTERVAL_S", "AGENT_PORT", "GPUFLEET_BIND")
+
+
+def run_agent(**env):
+    full = {k: v for k, v in os.environ.items() if k not in AGENT_VARS}
+    full.update(env)
+    return subprocess.run([console_script("gpufleet-agent")], env=full, capture_output=True, text=True, timeout=60)
+
+
+def test_config_errors_exit_2_naming_the_variable_without_a_traceback():
+    cases = [
+        ({"INSTANCE_ID": "gpu-01", "MODEL_ID": "m"}, "CONTROL_PLANE_URL is not set"),
+        ({"CONTROL_PLANE_URL": "http://127.0.0.1:8003", "MODEL_ID": "m"}, "INSTANCE_ID is not set"),
+        ({"INSTANCE_ID": "gpu-01", "CONTROL_PLANE_URL": "http://127.0.0.1:8003"}, "MODEL_ID is not set"),
+        ({"INSTANCE_ID": "gpu-01", "CONTROL_PLANE_URL": "http://127.0.0.1:8003", "MODEL_ID": "m",
+          "HEARTBEAT_INTERVAL_S": "ten"}, "HEARTBEAT_INTERVAL_S='ten' is not a number"),
+        ({"INSTANCE_ID": "gpu-01", "CONTROL_PLANE_URL": "cp:8003", "MODEL_ID": "m"}, "CONTROL_PLANE_URL"),
+    ]
+    for env, needle in cases:
+        result = run_agent(**env)
+        assert result.returncode == 2, (env, result.stderr)
+        assert needle in result.stderr
+        assert "Traceback" not in result.stderr
+    assert "e.g. CONTROL_PLANE_URL=http://" in run_agent(**cases[0][0]).stderr  # says what to set
+
+
+def calls(agent_url, result):
+    text = requests.get(agent_url + "/metrics", timeout=5).text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "gpufleet_agent_controlplane_calls_total" and s.labels["result"] == result)
+
+
+def test_an_unreachable_control_plane_is_retried_with_backoff_never_fatal(daemons, database_url, redis_url):
+    _, cp = start_control_plane(daemons, cp_env(database_url, redis_url))
+    requests.post(f"{cp}/v1/admin/instances", json={"instance_id": "gpu-a"},
+                  headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=10).raise_for_status()
+    host, _, port = cp.removeprefix("http://").rpartition(":")
+    relay = TcpRelay(host, int(port))
+    relay.cut()  # the control plane is unreachable from the worker
+    try:
+        _, sim_url = start_sim(daemons, "tiny-llm")
+        agent, agent_url = start_agent(daemons, agent_env(
+            instance_id="gpu-a", control_plane_url=relay.url, model_id="tiny-llm", vllm_base_url=sim_url,
+            port=daemons.port(), CONTROL_PLANE_RETRY_MAX_S="2"))
+        time.sleep(6)
+        assert agent.alive()
+        errors = calls(agent_url, "error")
+        # back-off: 0.25–0.5, 0.5–1, 1–2, then 1–2 s per attempt: a handful of attempts in 6 s, not a tight loop
+        assert 2 <= errors <= 12, errors
+        body = requests.get(agent_url + "/readyz", timeout=5).json()
+        assert body["failing"] == ["token", "registration"]
+        assert "unreachable" in body["checks"]["registration"]["detail"]
+        assert agent.output().count("retrying with back-off") == 1  # logged once, not per attempt
+
+        relay.restore()
+        wait_until(lambda: requests.get(agent_url + "/readyz", timeout=5).status_code == 200, timeout=20,
+                   what="the agent to register once the control plane is reachable")
+    finally:
+        relay.close()
