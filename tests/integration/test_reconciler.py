@@ -22,9 +22,10 @@ class Agent:
     """Plays the agent's control-plane side: registers, then heartbeats in a thread while
     ``beating`` is set. Its /readyz is a real stub process answering ``self.readyz``."""
 
-    def __init__(self, cp_url, instance_id, agent_url, state_file):
+    def __init__(self, cp_url, instance_id, agent_url, state_file, queue_depth=2):
         self.cp_url, self.instance_id, self.agent_url, self.state_file = cp_url, instance_id, agent_url, state_file
         self.status = "ready"
+        self.queue_depth = queue_depth
         self.beating = threading.Event()
         self.answers = []
         self._stop = threading.Event()
@@ -46,7 +47,8 @@ class Agent:
         resp = requests.post(self.cp_url + "/internal/worker/heartbeat", timeout=10,
                              headers={"Authorization": f"Bearer {self.token}"},
                              json={"instance_id": self.instance_id, "worker_id": self.instance_id,
-                                   "status": self.status, "model_id": "m1", "queue_depth": 2})
+                                   "status": self.status, "model_id": "m1",
+                                   "queue_depth": self.queue_depth})
         self.answers.append(resp.status_code)
 
     def _loop(self):
@@ -74,17 +76,17 @@ def fleet(daemons, database_url, redis_url, redis_server, tmp_path):
         url = cp_url
         redis = client
 
-        def reconciler(self, name="reconciler"):
-            return start_reconciler(daemons, env, name=name)
+        def reconciler(self, name="reconciler", **overrides):
+            return start_reconciler(daemons, {**env, **{k: str(v) for k, v in overrides.items()}}, name=name)
 
-        def agent(self, instance_id):
+        def agent(self, instance_id, **kw):
             port = daemons.port()
             state = tmp_path / f"{instance_id}.readyz"
             state.write_text("200")
             stub = daemons.start(f"readyz-{instance_id}", [sys.executable, "-m", "gpufleet.controlplane.testing",
                                                            "readyz-stub", str(port), str(state)])
             daemons.wait_http(f"http://127.0.0.1:{port}/readyz", proc=stub)
-            agent = Agent(cp_url, instance_id, f"http://127.0.0.1:{port}", state)
+            agent = Agent(cp_url, instance_id, f"http://127.0.0.1:{port}", state, **kw)
             agents.append(agent)
             return agent
 
@@ -220,3 +222,38 @@ def test_two_reconcilers_one_leads_and_the_other_takes_over(fleet):
     agent.readyz(503)
     wait_until(lambda: fleet.ready() == set(), timeout=20, what="w1 removed by the new leader")
     assert len(_leader(fleet)) == 1
+
+
+def test_scaling_loop_decides_stores_actuates_and_drains_the_least_loaded(fleet, tmp_path):
+    calls = tmp_path / "calls.jsonl"
+    script = tmp_path / "actuate.sh"
+    script.write_text(f'#!/bin/sh\n{{ cat; echo; }} >> {calls}\n')
+    script.chmod(0o755)
+    busy, idle = fleet.agent("w1", queue_depth=1), fleet.agent("w2", queue_depth=0)
+    busy.beating.set()
+    idle.beating.set()
+    wait_until(lambda: fleet.ready() == {"w1", "w2"}, timeout=20, what="both ready")
+    fleet.reconciler(GPUFLEET_SCALING_ENABLED="true", GPUFLEET_SCALING_INTERVAL_S="0.5",
+                     GPUFLEET_SCALING_ACTUATOR="command", GPUFLEET_SCALING_COMMAND=str(script),
+                     GPUFLEET_SCALING_MIN_REPLICAS="1", GPUFLEET_SCALING_MAX_REPLICAS="3",
+                     GPUFLEET_SCALING_DOWN_STABLE_S="0", GPUFLEET_SCALING_DOWN_COOLDOWN_S="0",
+                     GPUFLEET_SCALING_UP_COOLDOWN_S="0")
+    # quiet: the least-loaded worker (w2) is drained and the command is told
+    wait_until(lambda: calls.exists() and calls.read_text().strip(), timeout=20, what="the actuation command")
+    decision = json.loads(calls.read_text().splitlines()[0])
+    assert decision["action"] == "scale_down" and decision["drain_worker_id"] == "w2"
+    assert (decision["current_replicas"], decision["desired_replicas"]) == (2, 1)
+    wait_until(lambda: fleet.ready() == {"w1"}, timeout=20, what="w2 drained")
+    assert fleet.sql("SELECT desired_status FROM workers WHERE worker_id = 'w2'") == [("draining",)]
+
+    # pressure: a deep queue on w1 asks for more replicas
+    busy.queue_depth = 10
+    wait_until(lambda: fleet.sql("SELECT count(*) FROM scaling_decisions WHERE action = 'scale_up'")[0][0] > 0,
+               timeout=20, what="a scale-up decision")
+    scaling = requests.get(fleet.url + "/v1/admin/scaling", headers=ADMIN, timeout=10).json()
+    latest = scaling["latest"]["m1"]
+    assert latest["action"] == "scale_up" and latest["desired_replicas"] == 3 and "queue" in latest["reason"]
+    wait_until(lambda: fleet.sql("SELECT bool_and(actuation_ok) FROM scaling_decisions WHERE action <> 'none'")
+               == [(True,)], timeout=20, what="actuations recorded")
+    metrics = requests.get(fleet.url + "/metrics", timeout=10).text
+    assert 'gpufleet_scaling_desired_replicas{model_id="m1"} 3.0' in metrics
