@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     log.info("gpufleet-router on %s:%d, %d process(es), policy %s, redis %s", config.host, config.port,
              config.processes, config.policy, redact_url(config.redis_url))
     serve(lambda: create_app(config, breaker_table=table), config.host, config.port,
-          workers=config.processes, worker_connections=10000, keepalive=75,
+          workers=config.processes, worker_class="gpufleet.router.worker.RouterWorker",
+          worker_connections=10000, keepalive=75,
           extra={"child_exit": child_exit, "loglevel": config.log_level.lower(),
                  "control_socket_disable": True})
 
