@@ -33,6 +33,12 @@ class Outcome:
     completion_tokens: int = 0
 
 
+async def _sleep_until(deadline: float) -> None:
+    delay = deadline - time.monotonic()
+    if delay > 0:
+        await asyncio.sleep(delay)
+
+
 class Engine:
     def __init__(self, *, latency: LatencyModel, max_num_seqs: int, kv_capacity_tokens: int,
                  seed: int, natural_range: tuple[int, int], metrics_factory: Callable[..., SimMetrics]):
@@ -73,9 +79,10 @@ class Engine:
         kv_held = req.prompt_tokens
         self.kv_tokens += kv_held
         try:
-            delay = latency.ttft(req.prompt_tokens, scheduler.running, rng, slow)
-            if delay > 0:
-                await asyncio.sleep(delay)
+            # Token times follow a timeline (due += step) rather than back-to-back sleeps,
+            # so the event loop's timer overshoot (~1 ms per sleep) does not accumulate.
+            due = scheduled + latency.ttft(req.prompt_tokens, scheduler.running, rng, slow)
+            await _sleep_until(due)
             metrics.prompt_tokens.inc(req.prompt_tokens)
             stream = self._token_stream(req)
             next_token = stream.next_token
@@ -85,18 +92,14 @@ class Engine:
             itl_zero = latency.itl_s == 0 and not slow
             max_tokens = req.max_tokens
             generated = 0
-            step = pending_sleep = 0.0
+            step = 0.0
             last_token_at = 0.0
             while True:
                 if generated > 0 and not itl_zero:
                     step = latency.itl(scheduler.running, rng, slow)
-                    if emit is not None:
-                        await asyncio.sleep(step)
-                    else:
-                        pending_sleep += step
-                        if pending_sleep >= NON_STREAM_SLEEP_S:
-                            await asyncio.sleep(pending_sleep)
-                            pending_sleep = 0.0
+                    due += step
+                    if emit is not None or due - time.monotonic() >= NON_STREAM_SLEEP_S:
+                        await _sleep_until(due)
                 if generated == eos_at:
                     piece, finish = "", "stop"
                 else:
@@ -131,8 +134,8 @@ class Engine:
                     await emit(text, finish, stop_reason)
                 if finish is not None:
                     break
-            if pending_sleep > 0:
-                await asyncio.sleep(pending_sleep)
+            if emit is None:
+                await _sleep_until(due)
             if itl_zero and emit is None and generated > 1:
                 metrics.itl.observe(0.0, generated - 1)  # one update for the whole answer
             metrics.generation_tokens.inc(generated)

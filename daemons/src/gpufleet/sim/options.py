@@ -32,7 +32,7 @@ class SimOptions:
     fault_mode: str = "error"
     fault_scope: str = "completions"
     enable_fault_api: bool = False
-    shutdown_timeout: float = 2.0
+    shutdown_timeout: float = 1.0
     access_log: bool = False
     log_level: str = "INFO"
 
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--fault-scope", choices=SCOPES, default="completions",
                    help="'all' also breaks /health, /v1/models and /metrics")
     f.add_argument("--enable-fault-api", action="store_true", help="expose GET/POST /sim/faults")
-    p.add_argument("--shutdown-timeout", type=_number(float, 0), default=2.0,
+    p.add_argument("--shutdown-timeout", type=_number(float, 0), default=1.0,
                    help="seconds to let requests finish on SIGTERM")
     p.add_argument("--access-log", action="store_true", help="log every request (slower)")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
