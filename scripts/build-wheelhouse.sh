@@ -15,10 +15,9 @@
 # Env: PYTHON (the controller's interpreter, default .venv/bin/python or python3),
 #      PIP_INDEX_URL / PIP_EXTRA_INDEX_URL as pip reads them, DIST (default dist).
 #
-# When the target is the controller's own Python and architecture, `pip wheel` resolves
-# and builds everything (sdists too). For another target, `pip download --only-binary`
-# fetches the manylinux wheels of that Python and platform (every dependency of gpufleet
-# publishes them). Nothing is rebuilt when the tarball is newer than daemons/.
+# `pip download --only-binary` fetches the manylinux wheels of the target Python and
+# platform (every dependency of gpufleet publishes them), whatever the controller runs.
+# Nothing is rebuilt when the tarball is newer than daemons/.
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -68,16 +67,46 @@ wheel="$(ls "$work"/own/gpufleet-*.whl)"
 
 mkdir -p "$work/house"
 cp "$wheel" "$work/house/"
-if [ "$target_py" = "$host_py" ] && [ "$target_arch" = "$host_arch" ]; then
-  "$python" -m pip wheel -q --wheel-dir "$work/house" "$wheel" >"$work/pip.log" 2>&1 || { tail -n 30 "$work/pip.log" >&2; exit 1; }
-else
-  abi="cp${target_py/./}"
+# Binary wheels for the target Python and platform.
+abi="cp${target_py/./}"
+fetch() {
   "$python" -m pip download -q --dest "$work/house" --only-binary=:all: \
     --python-version "$target_py" --implementation cp --abi "$abi" --abi abi3 --abi none \
     --platform "manylinux_2_28_$target_arch" --platform "manylinux_2_17_$target_arch" \
-    --platform "manylinux2014_$target_arch" --platform any \
-    "$wheel" >"$work/pip.log" 2>&1 || { tail -n 30 "$work/pip.log" >&2; exit 1; }
-fi
+    --platform "manylinux2014_$target_arch" --platform "manylinux_2_5_$target_arch" \
+    --platform "manylinux1_$target_arch" --platform any \
+    "$@" >"$work/pip.log" 2>&1 || { tail -n 30 "$work/pip.log" >&2; exit 1; }
+}
+fetch "$wheel"
+# pip evaluates the dependencies' environment markers against the controller's Python,
+# not the target's: a dependency only some patch releases need (redis wants
+# async-timeout below 3.11.3, and Debian 12 ships 3.11.2) would be missing. Add every
+# requirement whose marker depends on the Python version only; pip on the host then
+# installs what applies to it.
+for _ in 1 2 3; do
+  mapfile -t extra < <("$python" - "$work/house" <<'PY'
+import pathlib, re, sys, zipfile
+house = pathlib.Path(sys.argv[1])
+have = {re.sub(r"[-_.]+", "-", w.name.split("-")[0]).lower() for w in house.glob("*.whl")}
+want = set()
+for wheel in house.glob("*.whl"):
+    with zipfile.ZipFile(wheel) as zf:
+        meta = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
+        for line in zf.read(meta).decode("utf-8", "replace").splitlines():
+            if not line.startswith("Requires-Dist:") or ";" not in line:
+                continue
+            req, marker = line[len("Requires-Dist:"):].split(";", 1)
+            if "extra" in marker or "python_" not in marker or re.search(r"sys_platform|platform_|os_name|implementation", marker):
+                continue
+            name = re.split(r"[ <>=!~\[(]", req.strip(), maxsplit=1)[0]
+            if re.sub(r"[-_.]+", "-", name).lower() not in have:
+                want.add(req.strip().replace(" ", ""))
+print("\n".join(sorted(want)))
+PY
+)
+  [ "${#extra[@]}" -gt 0 ] && [ -n "${extra[0]}" ] || break
+  fetch "${extra[@]}"
+done
 
 # Replace the previous build atomically enough for a controller: new dir, then swap.
 mkdir -p "$dist"
