@@ -126,3 +126,19 @@ def test_no_nvidia_driver_means_zero_gpus_logged_once(caplog):
         assert reader.read() == []
     assert len([r for r in caplog.records if "NVML is not available" in r.getMessage()]) == 1
     assert reader.unavailable_reason
+
+
+def test_a_new_vllm_process_start_time_forgets_the_warm_up():
+    from gpufleet.agent.config import load_config
+    from gpufleet.agent.vllm import VllmMonitor
+    from gpufleet.agent.vllm_metrics import VllmSample
+
+    monitor = VllmMonitor(load_config({"INSTANCE_ID": "i", "CONTROL_PLANE_URL": "http://127.0.0.1:9", "MODEL_ID": "m"}))
+    monitor.observe_sample(VllmSample(process_start_time=1000.0, running=1))
+    monitor.snapshot.warmed = True
+    epoch = monitor.snapshot.epoch
+    monitor.observe_sample(VllmSample(process_start_time=1000.0, running=2))
+    assert monitor.snapshot.warmed and monitor.snapshot.sample.running == 2
+    monitor.observe_sample(VllmSample(process_start_time=1042.0))  # restarted between two polls
+    assert not monitor.snapshot.warmed and monitor.snapshot.epoch > epoch
+    assert "restarted" in monitor.snapshot.warmup_detail

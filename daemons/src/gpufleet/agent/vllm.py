@@ -134,6 +134,11 @@ class VllmMonitor:
         except (requests.RequestException, ValueError) as exc:
             log.debug("reading vLLM /metrics failed: %s", exc)
             return
+        self.observe_sample(sample)
+
+    def observe_sample(self, sample: VllmSample) -> None:
+        """Take in one scrape of vLLM's metrics: windows, gauges, and restart detection."""
+        snap = self.snapshot
         start = sample.process_start_time
         if start is not None and self._process_start is not None and abs(start - self._process_start) > 0.5:
             log.warning("vLLM restarted (process_start_time_seconds changed): warming up again")
