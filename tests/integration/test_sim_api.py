@@ -98,6 +98,22 @@ def test_raw_sse_stream_has_vllm_shape(sim):
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 4
 
 
+def test_metrics_have_vllm_names_and_the_served_model_label(sim, client):
+    client.completions.create(model="tiny", prompt="count me", max_tokens=3)
+    text = requests.get(sim + "/metrics", timeout=10).text
+    assert 'vllm:request_success_total{engine="0",finished_reason="length",model_name="tiny"} 1.0' in text
+    assert 'vllm:generation_tokens_total{engine="0",model_name="tiny"} 3.0' in text
+    assert 'vllm:num_requests_running{engine="0",model_name="tiny"} 0.0' in text
+    assert 'vllm:time_to_first_token_seconds_bucket{engine="0",le="0.001",model_name="tiny"}' in text
+    assert "\nprocess_start_time_seconds " in text
+
+
+def test_request_id_header_names_the_completion(sim):
+    resp = requests.post(sim + "/v1/chat/completions", headers={**AUTH, "X-Request-Id": "trace-42"}, timeout=10,
+                         json={"model": "tiny", "messages": MESSAGES, "max_tokens": 2})
+    assert resp.json()["id"] == "chatcmpl-trace-42"
+
+
 def test_stop_strings_end_with_stop(client):
     full = client.completions.create(model="tiny", prompt="stop test", max_tokens=12).choices[0].text
     word = full.split()[4]

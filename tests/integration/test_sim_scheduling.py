@@ -136,3 +136,28 @@ def test_running_sequences_slow_each_other_down(daemons):
     # with up to 10 others running each step is up to 2x slower
     assert len(durations) == 11
     assert max(durations) > alone * 1.4
+
+
+def test_latency_knobs_shape_the_timing(daemons):
+    base = start_sim(daemons, "--ttft-ms", "150", "--itl-ms", "20", "--prefill-ms-per-token", "1",
+                     "--slowdown-per-seq", "0")
+    started = time.monotonic()
+    times = []
+    with requests.post(base + "/v1/completions", stream=True, timeout=30, json={
+            "prompt": "short", "max_tokens": 11, "ignore_eos": True, "stream": True}) as resp:
+        for line in resp.iter_lines():
+            if line.startswith(b"data: {"):
+                times.append(time.monotonic() - started)
+    assert len(times) == 11
+    assert 0.14 <= times[0] < 1.5                       # 150 ms + 1 ms x 1 prompt token
+    assert 0.34 <= times[-1] < 2.5                      # + 10 x 20 ms
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert 0.015 < sum(gaps) / len(gaps) < 0.1
+    assert 0.0155 < metric(base, "vllm:inter_token_latency_seconds_sum") / 10 < 0.1
+    assert 0.14 < metric(base, "vllm:time_to_first_token_seconds_sum") < 1.5
+
+    # a 300-token prompt adds 300 x 1 ms of prefill before the first token
+    started = time.monotonic()
+    body = {"prompt": list(range(300)), "max_tokens": 1}
+    assert requests.post(base + "/v1/completions", json=body, timeout=30).status_code == 200
+    assert time.monotonic() - started >= 0.44
