@@ -51,7 +51,9 @@ def main() -> None:
 
     serve(lambda: create_app(config), config.bind_host, config.bind_port, workers=config.workers,
           worker_class="gthread", timeout=60, keepalive=30,
-          extra={"threads": 8, **extra})
+          # no gunicorn control socket: one shared path per user would collide when
+          # several daemons run on one host, and nothing here uses it
+          extra={"threads": 8, "control_socket_disable": True, **extra})
 
 
 if __name__ == "__main__":
