@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 
+import redis
 from flask import Blueprint, jsonify, request
 
 from gpufleet.common.ids import WORKER_TOKEN_PREFIX, display_prefix, new_secret, same_hash, sha256_hex
@@ -147,7 +148,7 @@ def _set_desired(worker_id: str, desired: str):
         row = store.set_desired_status(cur, worker_id, desired)
     if row is None:
         raise ApiError(404, f"worker {worker_id!r} is not known", "unknown_worker")
-    publish(svc, row)
+    publish(svc, row, strict=True)
     log.info("worker %s: operator asked for %s", worker_id, desired)
     return jsonify({"worker": _worker_json(row)})
 
@@ -183,9 +184,15 @@ def create_key():
     with svc.db.cursor() as cur:
         row, key = keystore.create_key(cur, name, models, rpm)
     # publish before answering: the key works at the router as soon as the caller has it
-    svc.publisher.publish_api_key(row["key_hash"], row["key_id"], row["name"], row["models"], row["rpm"])
+    answer = {"key_id": row["key_id"], "key": key, **_key_json(row)}
+    try:
+        svc.publisher.publish_api_key(row["key_hash"], row["key_id"], row["name"], row["models"], row["rpm"])
+    except redis.RedisError as exc:
+        # the key is shown only now, so it must not be lost: the reconciler publishes it
+        log.warning("redis unreachable, api key %s not published yet: %s", row["key_id"], exc)
+        answer["warning"] = "redis is unreachable: the key works once the reconciler re-syncs keys"
     log.info("api key %s (%s) created", row["key_id"], name)
-    return jsonify({"key_id": row["key_id"], "key": key, **_key_json(row)}), 201
+    return jsonify(answer), 201
 
 
 @admin.get("/keys")

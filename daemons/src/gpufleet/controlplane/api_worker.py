@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+import redis
 from flask import Blueprint, jsonify, request
 
 from gpufleet.common.ids import WORKER_TOKEN_PREFIX, display_prefix, new_secret, same_hash, sha256_hex
@@ -80,7 +81,7 @@ def register():
     if previous is not None and (previous["model_id"], previous["advertise_url"], previous["agent_url"]) != (
             reg.model_id, reg.advertise_url, reg.agent_url):
         # re-registered with another model or endpoint: out of rotation until ready again
-        svc.publisher.unpublish_worker(reg.worker_id, previous["model_id"], "unready")
+        publish(svc, {**previous, "status": "starting"})
     svc.metrics.registrations.labels("bootstrap" if issued else "ok").inc()
     log.info("worker %s of instance %s registered for %s at %s%s", reg.worker_id, reg.instance_id,
              reg.model_id, reg.advertise_url, " (token issued)" if issued else "")
@@ -129,9 +130,20 @@ def heartbeat():
     return jsonify(body)
 
 
-def publish(svc, worker) -> None:
+def publish(svc, worker, *, strict: bool = False) -> None:
     """Bring Redis in line with this worker's state at once (the reconciler does the same
-    for every worker each cycle)."""
+    for every worker each cycle). PostgreSQL holds the truth: for a worker call an
+    unreachable Redis is logged, not failed (the reconciler catches up); ``strict``
+    (operator calls) lets the error through as a 503 so the operator retries."""
+    try:
+        _publish(svc, worker)
+    except redis.RedisError as exc:
+        if strict:
+            raise
+        log.warning("redis unreachable, worker %s not published now: %s", worker["worker_id"], exc)
+
+
+def _publish(svc, worker) -> None:
     verdict = assess_row(worker, svc.config.stale_after_s)
     if verdict.routable:
         svc.publisher.publish_worker(
