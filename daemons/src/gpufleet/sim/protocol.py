@@ -72,7 +72,8 @@ def _number_field(body: dict, name: str, low: float, high: float) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise _bad(f"{name} must be a number from {low} to {high}, got {value!r}", name)
+        expected = f"at least {low}" if high == float("inf") else f"from {low} to {high}"
+        raise _bad(f"{name} must be a number {expected}, got {value!r}", name)
 
 
 def _common(body: dict, limits: Limits, kind: str, prompt_key: str, prompt_tokens: int,
@@ -114,7 +115,7 @@ def _common(body: dict, limits: Limits, kind: str, prompt_key: str, prompt_token
     n = _int_field(body, "n", 1)
     if n is not None and n > 1:
         raise _bad("n > 1 is not supported by gpufleet-vllm-sim", "n")
-    _number_field(body, "temperature", 0, 2)
+    _number_field(body, "temperature", 0, float("inf"))  # vLLM: non-negative, no upper bound
     _number_field(body, "top_p", 0, 1)
     min_tokens = _int_field(body, "min_tokens", 0) or 0
     ignore_eos = body.get("ignore_eos", False)
