@@ -36,6 +36,12 @@ class LeaderLock:
         if self._conn is None or self._conn.closed:
             self._conn = connect(self.dsn, application_name=f"gpufleet-reconciler {self.name}"[:63])
             self._conn.autocommit = True
+            # server-side keepalives for this session: if the leader's host vanishes from
+            # the network, PostgreSQL drops the session (and the lock) within about 25 s
+            # instead of the kernel default of hours, so a follower can take over
+            with self._conn.cursor() as cur:
+                cur.execute("SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; "
+                            "SET tcp_keepalives_count = 3")
         return self._conn
 
     def try_acquire(self) -> bool:
