@@ -18,6 +18,71 @@ from pathlib import Path
 from gpufleet.controlplane.migrate import migrate
 
 ADMIN_TOKEN = "gfa_test-admin-token-0123456789abcdef"
+ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def registration(instance_id: str, worker_id: str | None = None, **overrides) -> dict:
+    """A valid register payload (what the agent sends), with ``overrides``."""
+    body = {"instance_id": instance_id, "worker_id": worker_id or instance_id, "provider_instance_id": "prov-1",
+            "model_id": "m1", "advertise_url": "http://127.0.0.1:1", "agent_url": "http://127.0.0.1:1",
+            "tensor_parallel_size": 1, "gpu_memory_utilization": 0.9,
+            "gpus": [{"index": 0, "name": "H100", "memory_total_mb": 81559}], "agent_version": "0.2.0"}
+    body.update(overrides)
+    return body
+
+
+class ControlPlaneClient:
+    """Calls a running control plane the way the agent and the operator do, and reads
+    its database directly for assertions."""
+
+    def __init__(self, url: str, database_url: str, redis_client=None):
+        self.url = url
+        self.db = database_url
+        self.redis = redis_client
+
+    def admin(self, method: str, path: str, **kw):
+        import requests  # noqa: PLC0415 - a test dependency
+
+        return requests.request(method, self.url + path, headers=ADMIN_HEADERS, timeout=10, **kw)
+
+    def add_instance(self, instance_id: str, **kw):
+        resp = self.admin("POST", "/v1/admin/instances", json={"instance_id": instance_id, **kw})
+        assert resp.status_code in (200, 201), resp.text
+        return resp
+
+    def register(self, instance_id: str, worker_id: str | None = None, token: str | None = None, **overrides):
+        import requests  # noqa: PLC0415
+
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return requests.post(self.url + "/internal/worker/register", json=registration(instance_id, worker_id,
+                                                                                        **overrides),
+                             headers=headers, timeout=10)
+
+    def bootstrap(self, instance_id: str) -> str:
+        """Add the instance, register it without a token, return the bootstrap token."""
+        self.add_instance(instance_id)
+        resp = self.register(instance_id)
+        assert resp.status_code == 200, resp.text
+        return resp.json()["bootstrap_token"]
+
+    def heartbeat(self, instance_id: str, token: str | None, worker_id: str | None = None, **fields):
+        import requests  # noqa: PLC0415
+
+        body = {"instance_id": instance_id, "worker_id": worker_id or instance_id, "status": "starting",
+                "model_id": "m1", **fields}
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return requests.post(self.url + "/internal/worker/heartbeat", json=body, headers=headers, timeout=10)
+
+    def query(self, sql: str, args=()):
+        import psycopg2  # noqa: PLC0415
+
+        conn = psycopg2.connect(self.db)
+        try:
+            with conn, conn.cursor() as cur:
+                cur.execute(sql, args)
+                return cur.fetchall() if cur.description else None
+        finally:
+            conn.close()
 
 
 def cp_env(database_url: str, redis_url: str, admin_token: str = ADMIN_TOKEN, **overrides) -> dict:
