@@ -74,5 +74,6 @@ def test_health_readiness_and_status(cp):
     assert status["instances"]["total"] == 1
     metrics = requests.get(cp.url + "/metrics", timeout=10).text
     assert 'gpufleet_workers{health="starting"} 1.0' in metrics
+    assert 'gpufleet_workers_reported_status{status="starting"} 1.0' in metrics
     assert 'gpufleet_cp_registrations_total{result="bootstrap"} 1.0' in metrics
     assert 'gpufleet_cp_heartbeats_total{status="starting"} 1.0' in metrics

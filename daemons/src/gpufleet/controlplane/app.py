@@ -101,6 +101,7 @@ def create_app(config: ControlPlaneConfig) -> Flask:
     import psycopg2  # noqa: PLC0415
 
     @app.errorhandler(psycopg2.OperationalError)
+    @app.errorhandler(psycopg2.InterfaceError)
     def _db_error(exc):
         log.error("database error: %s", exc)
         return error_response(503, "the database is unreachable; retry shortly", "database_unavailable")

@@ -43,6 +43,8 @@ class FleetCollector:
         from gpufleet.controlplane import store  # noqa: PLC0415 - keep the import graph flat
 
         workers = GaugeMetricFamily("gpufleet_workers", "Known workers by health", labels=["health"])
+        reported = GaugeMetricFamily("gpufleet_workers_reported_status",
+                                     "Known workers by the status of their last heartbeat", labels=["status"])
         routable = GaugeMetricFamily("gpufleet_model_routable_workers", "Routable workers per model",
                                      labels=["model_id"])
         desired = GaugeMetricFamily("gpufleet_scaling_desired_replicas",
@@ -66,22 +68,26 @@ class FleetCollector:
             return
         up.add_metric([], 1)
         counts = dict.fromkeys(HEALTH_STATES, 0)
+        statuses = dict.fromkeys(("starting", "ready", "draining"), 0)
         per_model: dict[str, int] = {}
         for row in rows:
             verdict = assess_row(row, self.stale_after_s)
             counts[verdict.health] = counts.get(verdict.health, 0) + 1
+            statuses[row["status"]] = statuses.get(row["status"], 0) + 1
             per_model.setdefault(row["model_id"], 0)
             if verdict.routable:
                 per_model[row["model_id"]] += 1
         for health, n in counts.items():
             workers.add_metric([health], n)
+        for status, n in statuses.items():
+            reported.add_metric([status], n)
         for model_id, n in sorted(per_model.items()):
             routable.add_metric([model_id], n)
         for d in decisions:
             desired.add_metric([d["model_id"]], d["desired_replicas"])
             current.add_metric([d["model_id"]], d["current_replicas"])
             decided.add_metric([d["model_id"], d["action"]], d["ts"])
-        yield from (up, workers, routable, desired, current, decided)
+        yield from (up, workers, reported, routable, desired, current, decided)
 
 
 def exposition(registry: CollectorRegistry, fleet: FleetCollector) -> bytes:
