@@ -131,8 +131,9 @@ def test_publishes_a_ready_worker_and_removes_it_when_readyz_fails(fleet):
     agent.readyz(503)
     started = time.monotonic()
     wait_until(lambda: fleet.ready() == set(), timeout=20, what="w1 out of the ready set")
-    # one cycle is 0.5 s; allow a loaded machine some slack, but not a stale-heartbeat period
-    assert time.monotonic() - started < 2.9
+    # heartbeats keep coming, so only the failed probe can have removed it: one 0.5 s
+    # cycle, with slack for a loaded machine
+    assert time.monotonic() - started < 5.0
     assert fleet.redis.smembers("gpufleet:models") == set()
     error = fleet.sql("SELECT last_probe_ok, consecutive_probe_failures > 0, last_probe_error FROM workers")[0]
     assert error[0] is False and error[1] is True and "503" in error[2]
@@ -155,7 +156,7 @@ def test_removes_a_worker_whose_heartbeat_goes_stale(fleet):
     wait_until(lambda: fleet.ready() == set(), timeout=20, what="w1 removed when stale")
     # stale after 3 × 1 s of silence, then within about one 0.5 s cycle
     elapsed = time.monotonic() - stopped
-    assert 2.0 < elapsed < 6.0, elapsed
+    assert 2.0 < elapsed < 8.0, elapsed
     health = requests.get(fleet.url + "/v1/admin/workers", headers=ADMIN, timeout=10).json()["workers"][0]
     assert health["health"] == "stale" and health["routable"] is False
 
