@@ -89,7 +89,10 @@ def _cell(value) -> str:
         return f"{value:.1f}"
     if isinstance(value, list):
         return ",".join(map(str, value)) or "-"
-    return str(value)
+    text = str(value)
+    if len(text) >= 19 and text[4] == "-" and text[10] == "T":
+        return text[:19].replace("T", " ")  # ISO timestamps (UTC) to the second
+    return text
 
 
 def _age(seconds) -> str:
