@@ -24,8 +24,18 @@ def main() -> None:
         return create_app(config)
 
     # One worker: the agent's state (token, drain flag, metric windows) lives in one process.
+    # Every request is instant, so a short graceful timeout only cuts idle keep-alive
+    # connections (the reconciler's probes) instead of holding a stop for seconds.
     serve(factory, config.bind_host, config.bind_port, workers=1, worker_class="gevent",
-          graceful_timeout=5)
+          graceful_timeout=1, keepalive=10, extra={"worker_exit": _stop_loops})
+
+
+def _stop_loops(server, worker) -> None:
+    """gunicorn's worker_exit hook: end the background loops so the worker exits at once."""
+    app = getattr(worker, "wsgi", None)
+    agent = getattr(app, "extensions", {}).get("gpufleet_agent") if app is not None else None
+    if agent is not None:
+        agent.stop()
 
 
 if __name__ == "__main__":
