@@ -10,8 +10,9 @@ killed with ``kill -9`` leaves no phantom load for longer than the TTL.
 Acquisition is one ``EVALSHA``: the script trims and counts every candidate, takes the
 first one with the fewest leases in the order the policy gave (``policies.pick_least``),
 and adds the lease to it: reading the loads and taking the lease is one atomic step, so
-two routers cannot both see a worker as the least loaded and pile onto it. Releases are
-queued and sent by a background greenlet, many per pipelined round-trip under load.
+two routers cannot both see a worker as the least loaded and pile onto it. Acquisitions and
+releases go through the process's :class:`~gpufleet.router.batcher.RedisBatcher`: under
+load, those of many requests share one pipelined round-trip.
 
 While Redis is down the leases are process-local counts (:class:`LocalCounts`), and the
 choice is made in-process with the same policy.
@@ -23,12 +24,14 @@ import itertools
 import logging
 import os
 import threading
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import redis
+
 from gpufleet.common.rediskeys import RedisKeys
 
+from .batcher import RedisBatcher
 from .redisconn import REDIS_ERRORS, RedisLink
 
 log = logging.getLogger(__name__)
@@ -113,8 +116,8 @@ class LeaseManager:
         self._acquire = link.client.register_script(ACQUIRE_LUA)
         self._renew = link.client.register_script(RENEW_LUA)
         self._count = link.client.register_script(COUNT_LUA)
-        self._pending: deque[Lease] = deque()
-        self._wake = threading.Event()
+        self.batcher = RedisBatcher(_fresh_client(link.client), {self._acquire.sha: ACQUIRE_LUA},
+                                    reply_timeout_s=max(1.0, 4 * link.timeout_s))
         self._stop = threading.Event()
 
     def acquire(self, ordered: Sequence[str], local_choice) -> tuple[Lease, list[int] | None]:
@@ -123,12 +126,13 @@ class LeaseManager:
         lease_id = self._prefix + str(next(self._ids))
         if self.link.up:
             try:
-                result = self._acquire(keys=[self.keys.inflight(w) for w in ordered], args=[lease_id, self.ttl_ms])
+                result = self.batcher.call("EVALSHA", self._acquire.sha, len(ordered),
+                                           *[self.keys.inflight(w) for w in ordered], lease_id, self.ttl_ms)
                 lease = Lease(ordered[int(result[0]) - 1], lease_id, True)
                 self._live[lease_id] = lease
                 self.mine.add(lease.worker_id, 1)
                 return lease, [int(n) for n in result[1:]]
-            except REDIS_ERRORS as exc:
+            except (*REDIS_ERRORS, TimeoutError) as exc:
                 self.link.mark_down(exc)
         worker_id = local_choice(self.local.counts)
         self.local.add(worker_id, 1)
@@ -144,8 +148,9 @@ class LeaseManager:
             self.local.add(lease.worker_id, -1)
             return
         self._live.pop(lease.lease_id, None)
-        self._pending.append(lease)
-        self._wake.set()
+        if self.link.up:
+            self.batcher.send("ZREM", self.keys.inflight(lease.worker_id), lease.lease_id)
+        # else: it expires on its own within the TTL
 
     def counts(self, worker_ids: Sequence[str]) -> dict[str, int]:
         """Live shared counts (for /metrics and tests); local counts while Redis is down."""
@@ -157,37 +162,15 @@ class LeaseManager:
                 self.link.mark_down(exc)
         return {w: self.local.counts.get(w, 0) for w in worker_ids}
 
-    # -- background: batched releases and renewals ----------------------------------------
+    # -- background: the batched sender and the renewals ------------------------------------
 
     def start(self) -> None:
-        threading.Thread(target=self._release_loop, name="lease-release", daemon=True).start()
+        self.batcher.start()
         threading.Thread(target=self._renew_loop, name="lease-renew", daemon=True).start()
 
     def stop(self) -> None:
         self._stop.set()
-        self._wake.set()
-
-    def flush(self) -> None:
-        """Send the queued releases now (one pipelined round-trip)."""
-        pending = []
-        while self._pending:
-            pending.append(self._pending.popleft())
-        if not pending:
-            return
-        try:
-            pipe = self.link.client.pipeline(transaction=False)
-            for lease in pending:
-                pipe.zrem(self.keys.inflight(lease.worker_id), lease.lease_id)
-            pipe.execute()
-        except REDIS_ERRORS as exc:
-            # the leases expire on their own within the TTL
-            self.link.mark_down(exc)
-
-    def _release_loop(self) -> None:
-        while not self._stop.is_set():
-            self._wake.wait(1.0)
-            self._wake.clear()
-            self.flush()
+        self.batcher.stop()
 
     def renew(self) -> None:
         live = list(self._live.values())
@@ -204,3 +187,8 @@ class LeaseManager:
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.renew_interval_s):
             self.renew()
+
+
+def _fresh_client(client):
+    """A client with its own connection pool (the sender holds one connection for itself)."""
+    return redis.Redis(connection_pool=redis.ConnectionPool(**client.connection_pool.connection_kwargs))

@@ -22,6 +22,7 @@ REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
 class RedisLink:
     def __init__(self, url: str, timeout_s: float, max_connections: int = 512):
         self.url = url
+        self.timeout_s = timeout_s
         self.client = redis.Redis.from_url(
             url, decode_responses=True, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
             health_check_interval=0, max_connections=max_connections, retry_on_timeout=False)
