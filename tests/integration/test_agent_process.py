@@ -63,6 +63,8 @@ def test_an_unreachable_control_plane_is_retried_with_backoff_never_fatal(daemon
         body = requests.get(agent_url + "/readyz", timeout=5).json()
         assert body["failing"] == ["token", "registration"]
         assert "unreachable" in body["checks"]["registration"]["detail"]
+        text = requests.get(agent_url + "/metrics", timeout=5).text
+        assert 'gpufleet_agent_registration_state{state="unreachable"} 1.0' in text
         assert agent.output().count("retrying with back-off") == 1  # logged once, not per attempt
 
         relay.restore()

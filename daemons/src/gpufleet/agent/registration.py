@@ -168,7 +168,7 @@ class Registrar:
 
     def _unreachable(self, call: str, why: str) -> bool:
         # A network failure is no verdict on the token: `accepted` keeps its last value.
-        self.state = "unreachable" if not self.registered else self.state
+        self.state = "unreachable"
         self.detail = f"{call} failed: control plane unreachable ({why})"
         self.counts["error"] += 1
         self._log_once(logging.WARNING, "%s to %s failed (%s); retrying with back-off", call,

@@ -51,6 +51,7 @@ class VllmMonitor:
         self.snapshot = VllmSnapshot()
         self._process_start: float | None = None
         self._was_healthy = False
+        self._version_epoch = -1
         self._warmup_running = False
         self._warmup_failures = 0
         self._next_warmup_at = 0.0
@@ -89,8 +90,9 @@ class VllmMonitor:
             snap.healthy, snap.health_detail = True, "ok"
             self._check_models(snap)
             self._read_metrics(snap)
-            if snap.version is None:
+            if self._version_epoch != snap.epoch:  # once per vLLM process; older ones have no /version
                 snap.version = self._read_version()
+                self._version_epoch = snap.epoch
         self._was_healthy = healthy
         snap.polled_at = self._clock()
         if snap.healthy and snap.model_listed and not snap.warmed:
