@@ -1,13 +1,15 @@
 """The control plane process: configuration errors, migrate-on-start, readiness without
 a database, racing bootstraps, and an unreachable Redis."""
 
+import os
+import signal
 import subprocess
 import threading
 
 import psycopg2
 import requests
 
-from gpufleet.controlplane.testing import ADMIN_TOKEN, cp_env, start_control_plane
+from gpufleet.controlplane.testing import ADMIN_TOKEN, ControlPlaneClient, cp_env, start_control_plane
 from support.procs import console_script, free_port, wait_until
 from support.services import RedisServer
 
@@ -93,3 +95,22 @@ def test_an_unreachable_redis_does_not_lose_heartbeats_or_new_keys(daemons, data
         wait_until(lambda: requests.get(url + "/readyz", timeout=10).status_code == 200, timeout=10)
     finally:
         own_redis.cleanup()
+
+
+def test_counters_are_summed_over_gunicorn_processes_and_survive_a_worker_restart(daemons, database_url,
+                                                                                 redis_url):
+    daemon, url = start_control_plane(daemons, cp_env(database_url, redis_url, GPUFLEET_WORKERS="2"))
+    client = ControlPlaneClient(url, database_url)
+    token = client.bootstrap("i1")
+    for _ in range(6):
+        assert client.heartbeat("i1", token).status_code == 200
+    children = subprocess.run(["pgrep", "-P", str(daemon.pid)], capture_output=True, text=True).stdout.split()
+    assert len(children) == 2
+    os.kill(int(children[0]), signal.SIGTERM)  # gunicorn replaces it
+    wait_until(lambda: len(set(subprocess.run(["pgrep", "-P", str(daemon.pid)], capture_output=True,
+                                              text=True).stdout.split()) - {children[0]}) == 2,
+               timeout=30, what="a replacement worker")
+    for _ in range(6):
+        assert client.heartbeat("i1", token).status_code == 200
+    metrics = requests.get(url + "/metrics", timeout=10).text
+    assert 'gpufleet_cp_heartbeats_total{status="starting"} 12.0' in metrics

@@ -23,7 +23,15 @@ def _multiprocess_metrics(workers: int) -> dict:
         return {}
     directory = tempfile.mkdtemp(prefix="gpufleet-cp-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
-    atexit.register(shutil.rmtree, directory, True)
+    master = os.getpid()
+
+    def cleanup():
+        # gunicorn's workers are forks that leave through sys.exit, running atexit too:
+        # only the master may remove the directory the other workers still write to
+        if os.getpid() == master:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    atexit.register(cleanup)
 
     def child_exit(server, worker):
         from prometheus_client import multiprocess  # noqa: PLC0415
