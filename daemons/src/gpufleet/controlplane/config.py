@@ -65,8 +65,10 @@ class ControlPlaneConfig:
         if not database_url.startswith(("postgresql://", "postgres://")) and "dbname=" not in database_url:
             raise ConfigError("GPUFLEET_DATABASE_URL is not a PostgreSQL DSN: set it to e.g. "
                               "postgresql://gpufleet:PASSWORD@127.0.0.1:5432/gpufleet")
-        redis_url = env.url("GPUFLEET_REDIS_URL", required=True, example="redis://:PASSWORD@127.0.0.1:6379/0",
-                            schemes=("redis", "rediss", "unix"))
+        redis_url = env.str("GPUFLEET_REDIS_URL", required=True, example="redis://:PASSWORD@127.0.0.1:6379/0")
+        if not redis_url.startswith("unix://"):  # a socket path has no host part
+            redis_url = env.url("GPUFLEET_REDIS_URL", example="redis://:PASSWORD@127.0.0.1:6379/0",
+                                schemes=("redis", "rediss"))
         token = env.str("GPUFLEET_ADMIN_TOKEN", required=need_admin_token,
                         example="sha256:<hex of the admin token>")
         host, port = env.bind("GPUFLEET_BIND", "0.0.0.0:8003")
