@@ -184,6 +184,7 @@ class VllmMonitor:
                 return
             self._warmup_running = True
         epoch = self.snapshot.epoch
+        self.snapshot.warmup_detail = "running"
         threading.Thread(target=self._warmup, args=(epoch,), name="vllm-warmup", daemon=True).start()
 
     def warmup_once(self) -> tuple[bool, str]:
