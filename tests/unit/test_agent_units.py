@@ -142,3 +142,19 @@ def test_a_new_vllm_process_start_time_forgets_the_warm_up():
     monitor.observe_sample(VllmSample(process_start_time=1042.0))  # restarted between two polls
     assert not monitor.snapshot.warmed and monitor.snapshot.epoch > epoch
     assert "restarted" in monitor.snapshot.warmup_detail
+
+
+def test_registrar_waits_the_interval_when_well_and_backs_off_when_not():
+    from gpufleet.agent.config import load_config
+    from gpufleet.agent.registration import Registrar
+
+    config = load_config({"INSTANCE_ID": "i", "CONTROL_PLANE_URL": "http://127.0.0.1:9", "MODEL_ID": "m",
+                          "HEARTBEAT_INTERVAL_S": "2", "CONTROL_PLANE_RETRY_MAX_S": "8"})
+    registrar = Registrar(config, TokenStore(), dict, dict)
+    assert registrar.next_delay(True) == 2.0
+    failures = [registrar.next_delay(False) for _ in range(8)]
+    assert failures[0] <= 0.5 and max(failures) <= 8 and failures[-1] >= 4  # grows to the cap
+    registrar.registered = True  # a failed heartbeat is retried no later than the next interval
+    assert all(registrar.next_delay(False) <= 2.0 for _ in range(5))
+    registrar._adopt_interval({"heartbeat_interval_s": 1})
+    assert registrar.next_delay(True) == 1.0
