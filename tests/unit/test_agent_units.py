@@ -158,3 +158,14 @@ def test_registrar_waits_the_interval_when_well_and_backs_off_when_not():
     assert all(registrar.next_delay(False) <= 2.0 for _ in range(5))
     registrar._adopt_interval({"heartbeat_interval_s": 1})
     assert registrar.next_delay(True) == 1.0
+
+
+def test_an_unwritable_token_file_keeps_the_token_in_memory(tmp_path, caplog):
+    folder = tmp_path / "gone"
+    folder.mkdir()
+    store = TokenStore(None, str(folder / "token"))
+    folder.rmdir()  # e.g. the folder vanished after the start-up check
+    with caplog.at_level(logging.ERROR):
+        store.store_bootstrapped("gfw_kept_in_memory_only")
+    assert store.token == "gfw_kept_in_memory_only"
+    assert "could not write the worker token" in caplog.text and "gfw_kept" not in caplog.text

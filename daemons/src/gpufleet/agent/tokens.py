@@ -80,7 +80,14 @@ class TokenStore:
         with self._lock:
             self._token = token
             if self.path:
-                write_token_file(self.path, token)
+                try:
+                    write_token_file(self.path, token)
+                except OSError as exc:
+                    # Keep going with the token in memory: losing it on a restart (recoverable by
+                    # rotation) beats a worker that cannot register at all.
+                    log.error("could not write the worker token to %s (%s): it lives only in memory until "
+                              "fixed; a restart will need `gpufleet tokens rotate`", self.path, exc.strerror)
+                    return
                 log.info("stored the bootstrapped worker token in %s (mode 0600)", self.path)
             else:
                 log.warning("bootstrapped a worker token but WORKER_AUTH_TOKEN_FILE is not set: it lives "
