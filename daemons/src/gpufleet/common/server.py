@@ -45,6 +45,9 @@ def serve(factory: Callable[[], object], host: str, port: int, *, workers: int =
         "accesslog": "-" if access_log else None,
         "errorlog": "-",
         "loglevel": "info",
+        # gunicorn's control socket defaults to one path per user, shared by every daemon on
+        # a host, and cannot be created under the units' ProtectSystem=strict hardening.
+        "control_socket_disable": True,
     }
     options.update(extra or {})
     _App(factory, options).run()
