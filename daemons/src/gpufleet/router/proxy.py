@@ -7,9 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-
-from urllib3.exceptions import TimeoutError as UpstreamTimeout
-from werkzeug.wrappers import Response
+from http import HTTPStatus
 
 from gpufleet.common.openai_errors import error_body
 
@@ -20,11 +18,33 @@ from .metrics import RouterMetrics
 from .policies import Load, Policy
 from .registry import Registry, Worker
 from .retry import Outcome, RetryPolicy
-from .upstream import Attempt, Upstreams, discard, iter_body, pass_headers
+from .upstream import Attempt, Upstreams, discard, pass_headers
 
 log = logging.getLogger(__name__)
 
 SSE_HEADERS = [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
+_STATUS_LINES = {s.value: f"{s.value} {s.phrase}" for s in HTTPStatus}
+
+
+class Response:
+    """A WSGI answer without a framework around it: status, headers, body (bytes, or an
+    iterator for a stream, whose ``close`` gunicorn calls when the client goes away)."""
+
+    __slots__ = ("status", "headers", "body", "is_streamed")
+
+    def __init__(self, body, status: int = 200, headers: list | None = None, content_type: str | None = None):
+        self.status = status
+        self.headers = list(headers or ())
+        self.is_streamed = not isinstance(body, bytes)
+        if content_type and not any(k.lower() == "content-type" for k, _ in self.headers):
+            self.headers.append(("Content-Type", content_type))
+        if not self.is_streamed:
+            self.headers.append(("Content-Length", str(len(body))))
+        self.body = body
+
+    def __call__(self, environ, start_response):
+        start_response(_STATUS_LINES.get(self.status) or f"{self.status} Unknown", self.headers)
+        return [self.body] if not self.is_streamed else self.body
 
 
 def error_response(status: int, message: str, code: str | None = None, param: str | None = None,
@@ -180,22 +200,22 @@ class Proxy:
             attempt = self.upstreams.send(worker.url, path, body)
             resp = attempt.response
             first = None
-            if attempt.outcome is Outcome.OK:
-                if not stream:
-                    self.metrics.observe_ttft(model, time.perf_counter() - started)
+            if attempt.outcome in (Outcome.OK, Outcome.CLIENT_ERROR):
                 try:
-                    if stream:
-                        self.upstreams.extend_read_timeout(resp)
-                        chunks = iter_body(resp)
+                    if stream and attempt.outcome is Outcome.OK:
+                        resp.set_timeout(self.upstreams.read_timeout_s)
+                        chunks = resp.iter_chunks()
                         first = next(chunks, None)
                         if first is None:
                             attempt = Attempt(Outcome.RESET, resp, "the stream ended before its first byte")
                         else:
                             self.metrics.observe_ttft(model, time.perf_counter() - started)
                     else:
-                        data = resp.data
+                        data = resp.read()
+                        if attempt.outcome is Outcome.OK:
+                            self.metrics.observe_ttft(model, time.perf_counter() - started)
                 except Exception as exc:  # noqa: BLE001 - a broken upstream is an outcome, not a crash
-                    timed_out = isinstance(exc, (UpstreamTimeout, TimeoutError))
+                    timed_out = isinstance(exc, TimeoutError)
                     attempt = Attempt(Outcome.TIMEOUT if timed_out else Outcome.RESET, resp, str(exc))
             outcome = attempt.outcome
             self.metrics.count_attempt(worker.id, outcome.value)
@@ -203,22 +223,17 @@ class Proxy:
                 self.breakers.success(worker.id)
                 if stream:
                     return self.stream_response(resp, chunks, first, lease, worker, model, started)
-                try:
-                    headers = pass_headers(resp)
-                    discard(resp, reuse=True)
-                finally:
-                    self.leases.release(lease)
+                headers = pass_headers(resp)
+                discard(resp, reuse=True)
+                self.leases.release(lease)
                 self.metrics.count_request(model, resp.status, worker.id)
                 return Response(data, status=resp.status, headers=headers)
             if outcome is Outcome.CLIENT_ERROR:
                 # the request's own fault: passed through as is, and the worker is fine
                 self.breakers.success(worker.id)
-                try:
-                    data = resp.data
-                    headers = pass_headers(resp)
-                finally:
-                    discard(resp, reuse=True)
-                    self.leases.release(lease)
+                headers = pass_headers(resp)
+                discard(resp, reuse=True)
+                self.leases.release(lease)
                 self.metrics.count_request(model, resp.status, worker.id)
                 return Response(data, status=resp.status, headers=headers)
             # connect error, timeout, reset or 5xx: the worker's fault
@@ -273,4 +288,4 @@ class Proxy:
         headers = pass_headers(resp)
         names = {k.lower() for k, _ in headers}
         headers += [h for h in SSE_HEADERS if h[0].lower() not in names]
-        return Response(relay(), status=resp.status, headers=headers, direct_passthrough=True)
+        return Response(relay(), status=resp.status, headers=headers)
