@@ -125,20 +125,40 @@ http {{
     return path
 
 
-def wrk(url: str, duration: int, connections: int, tmp: Path) -> float:
+def group_cpu_seconds(leader_pid: int) -> float:
+    """CPU time (user + system) of every process in ``leader_pid``'s process group."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == leader_pid:  # field 5 of stat: the process group
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
+def wrk(url: str, duration: int, connections: int, tmp: Path, cpu_of: int | None = None) -> tuple[float, float]:
+    """(requests/s, CPU µs per request of the process group ``cpu_of``)."""
     script = tmp / "post.lua"
     script.write_text(
         'wrk.method = "POST"\n'
         f"wrk.body = {json.dumps(BODY)}\n"
         'wrk.headers["Content-Type"] = "application/json"\n'
         f'wrk.headers["Authorization"] = "Bearer {API_KEY}"\n')
+    cpu_before = group_cpu_seconds(cpu_of) if cpu_of else 0.0
     out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "-s", str(script), url],
                          capture_output=True, text=True, timeout=duration + 60).stdout
+    cpu = group_cpu_seconds(cpu_of) - cpu_before if cpu_of else 0.0
     match = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    total = re.search(r"(\d+) requests in", out)
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
-    if not match or non2xx:
+    if not match or not total or non2xx:
         raise RuntimeError(f"wrk against {url} failed:\n{out}")
-    return float(match.group(1))
+    return float(match.group(1)), cpu / int(total.group(1)) * 1e6
 
 
 class OpenLoop:
@@ -216,7 +236,7 @@ def main() -> int:
     try:
         backend, proxy, redis_port, router = free_port(), free_port(), free_port(), free_port()
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-        procs.start("nginx", [nginx, "-c", str(nginx_conf(tmp, backend, proxy)), "-p", str(tmp)])
+        nginx_proc = procs.start("nginx", [nginx, "-c", str(nginx_conf(tmp, backend, proxy)), "-p", str(tmp)])
         procs.start("redis", ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
                               "--appendonly", "no", "--dir", str(tmp)])
         wait_port(backend), wait_port(proxy), wait_port(redis_port)
@@ -225,7 +245,7 @@ def main() -> int:
         publisher = Publisher(client, RedisKeys(), heartbeat_interval_s=3600)
         publisher.publish_worker("bench-w1", MODEL, f"http://127.0.0.1:{backend}")
         publisher.publish_api_key(sha256_hex(API_KEY), "bench", "bench")
-        procs.start("router", [str(BIN / "gpufleet-router")], {
+        router_proc = procs.start("router", [str(BIN / "gpufleet-router")], {
             "GPUFLEET_REDIS_URL": redis_url, "GPUFLEET_BIND": f"127.0.0.1:{router}",
             "GPUFLEET_ROUTER_PROCESSES": str(args.processes), "GPUFLEET_LOG_LEVEL": "WARNING"})
         wait_port(router)
@@ -235,8 +255,13 @@ def main() -> int:
         # warm-up (connection pools, the router's key cache and lease script)
         for _, port in paths:
             wrk(f"http://127.0.0.1:{port}/v1/chat/completions", 2, 16, tmp)
-        rps = {name: wrk(f"http://127.0.0.1:{port}/v1/chat/completions", args.duration, args.connections, tmp)
-               for name, port in paths}
+        # CPU per request: nginx's one process serves both the backend and the proxy; for the
+        # router, its own processes only (the backend's share is what "direct" costs)
+        cpu_of = {"direct": nginx_proc.pid, "nginx": nginx_proc.pid, "gpufleet-router": router_proc.pid}
+        rps, cpu = {}, {}
+        for name, port in paths:
+            rps[name], cpu[name] = wrk(f"http://127.0.0.1:{port}/v1/chat/completions", args.duration,
+                                       args.connections, tmp, cpu_of[name])
         lat = {name: OpenLoop(port, "/v1/chat/completions", args.rate, args.latency_seconds).run()
                for name, port in paths}
     finally:
@@ -248,14 +273,16 @@ def main() -> int:
     print(f"\nrouter overhead on {os.cpu_count()} cores; router processes: {args.processes}; "
           f"wrk -t2 -c{args.connections} -d{args.duration}s; latency: open loop at {args.rate:.0f} req/s "
           f"for {args.latency_seconds:.0f} s")
-    print(f"{'path':<16} {'req/s':>9} {'vs nginx':>9} {'p50 ms':>8} {'p99 ms':>8} "
+    print(f"{'path':<16} {'req/s':>9} {'vs nginx':>9} {'CPU us/req':>11} {'p50 ms':>8} {'p99 ms':>8} "
           f"{'+p50 ms':>8} {'+p99 ms':>8} {'+p50 vs nginx':>14}")
     for name, _ in paths:
         p50, p99 = lat[name]
         added50, added99 = p50 - d50, p99 - d99
         ref = (n50 - d50) or 1e-9
-        print(f"{name:<16} {rps[name]:>9.0f} {rps[name] / rps['nginx']:>8.2f}x {p50:>8.2f} {p99:>8.2f} "
-              f"{added50:>8.2f} {added99:>8.2f} {(added50 / ref if name != 'direct' else 0):>13.1f}x")
+        print(f"{name:<16} {rps[name]:>9.0f} {rps[name] / rps['nginx']:>8.2f}x {cpu[name]:>11.0f} {p50:>8.2f} "
+              f"{p99:>8.2f} {added50:>8.2f} {added99:>8.2f} {(added50 / ref if name != 'direct' else 0):>13.1f}x")
+    print("CPU us/req: direct and nginx = the nginx process (backend, plus proxy for 'nginx'); "
+          "gpufleet-router = its own processes (not Redis, not the backend)")
     return 0
 
 

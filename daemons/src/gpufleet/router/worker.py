@@ -65,6 +65,12 @@ class RouterWorker(GeventWorker):
         super().init_process()
 
     def handle(self, listener, client, addr):
+        # SSE events are small writes in a row: without TCP_NODELAY, Nagle's algorithm would
+        # hold each one until the client's delayed ACK of the previous (up to ~40 ms)
+        try:
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, AttributeError):
+            pass  # not TCP (a unix socket)
         self._connections.add(client)
         try:
             super().handle(listener, client, addr)
