@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 
 import openai
 import pytest
@@ -142,6 +143,22 @@ def test_error_statuses_and_bodies(fleet):
     # unknown paths and methods answer in the same error shape
     assert_openai_error(requests.get(router.url + "/v1/nothing", timeout=10), 404)
     assert_openai_error(requests.get(url, timeout=10), 405)
+
+
+def test_requests_per_minute_limit_gives_429_shared_by_the_processes(fleet):
+    fleet.sim("w1")
+    router = fleet.router(processes=2)
+    limited = fleet.api_key()
+    fleet.publisher.publish_api_key(sha256_hex(limited), "limited-key", "limited", (), rpm=5)
+    if time.time() % 60 > 50:  # keep the test inside one fixed one-minute window
+        time.sleep(61 - time.time() % 60)
+    assert [router.chat(key=limited, max_tokens=1).status_code for _ in range(5)] == [200] * 5
+    refused = router.chat(key=limited, max_tokens=1)
+    err = assert_openai_error(refused, 429, "rate_limit_exceeded")
+    assert err["type"] == "rate_limit_error"
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    # keys without a limit are not affected
+    assert all(router.chat(max_tokens=1).status_code == 200 for _ in range(8))
 
 
 def test_upstream_failures_become_502_and_504_after_retries(fleet):

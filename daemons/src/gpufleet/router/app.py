@@ -17,6 +17,7 @@ from .leases import LeaseManager
 from .metrics import RouterMetrics, breaker_families, worker_families
 from .policies import Policy
 from .proxy import Proxy, RequestError
+from .ratelimit import RateLimiter
 from .redisconn import RedisLink
 from .registry import Registry
 from .retry import RetryBudget, RetryPolicy
@@ -47,7 +48,8 @@ def create_app(config: RouterConfig, breaker_table: BreakerTable | None = None) 
                           config.read_timeout_s, config.pool_maxsize)
     proxy = Proxy(keys=key_cache, registry=registry, policy=Policy(config.policy), leases=leases,
                   breakers=breakers, retry=retry, upstreams=upstreams, metrics=metrics,
-                  max_body_bytes=config.max_body_bytes)
+                  max_body_bytes=config.max_body_bytes,
+                  limiter=RateLimiter(link, leases.batcher, config.redis_prefix))
     metrics.redis_up.set(0)
     metrics.add_scrape_source(lambda: breaker_families(breakers, registry))
     metrics.add_scrape_source(lambda: worker_families(registry, link))

@@ -16,6 +16,7 @@ from .breaker import Breakers
 from .leases import LeaseManager
 from .metrics import RouterMetrics
 from .policies import Load, Policy
+from .ratelimit import RateLimiter
 from .registry import Registry, Worker
 from .retry import Outcome, RetryPolicy
 from .upstream import Attempt, Upstreams, discard, pass_headers
@@ -54,19 +55,20 @@ def error_response(status: int, message: str, code: str | None = None, param: st
 
 
 class RequestError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None):
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
+                 headers: list | None = None):
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
+        self.headers = headers or ([("WWW-Authenticate", "Bearer")] if status == 401 else None)
 
     def response(self) -> Response:
-        headers = [("WWW-Authenticate", "Bearer")] if self.status == 401 else None
-        return error_response(self.status, self.message, self.code, self.param, headers)
+        return error_response(self.status, self.message, self.code, self.param, self.headers)
 
 
 class Proxy:
     def __init__(self, *, keys: KeyCache, registry: Registry, policy: Policy, leases: LeaseManager,
                  breakers: Breakers, retry: RetryPolicy, upstreams: Upstreams, metrics: RouterMetrics,
-                 max_body_bytes: int):
+                 max_body_bytes: int, limiter: RateLimiter | None = None):
         self.keys = keys
         self.registry = registry
         self.policy = policy
@@ -76,6 +78,7 @@ class Proxy:
         self.upstreams = upstreams
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.limiter = limiter
 
     # -- pieces of the request path --------------------------------------------------------
 
@@ -161,6 +164,12 @@ class Proxy:
         streaming_handed_off = False
         try:
             key = self.authenticate(environ)
+            if key.rpm > 0 and self.limiter is not None:
+                wait = self.limiter.check(key.key_id or key.name, key.rpm)
+                if wait is not None:
+                    raise RequestError(429, f"Rate limit of {key.rpm} requests per minute reached for this API "
+                                       f"key; retry in {wait:.0f} s.", "rate_limit_exceeded",
+                                       headers=[("Retry-After", str(int(wait + 0.999)))])
             body = self.read_body(environ)
             model, stream = self.parse(body)
             if not key.allows(model):
