@@ -11,6 +11,8 @@
 # Env: MOLECULE_COMMAND (default "test"; e.g. "converge" while developing a role),
 #      KEEP_LOGS=1 keeps each scenario's log under .cache/molecule-logs even when it passes,
 #      VERBOSE=1 streams molecule's output instead of showing it only on failure.
+# A scenario may list secrets it uses in molecule/<scenario>/must-not-log.txt (one per
+# line): the scenario fails if any of them appears in molecule's output.
 set -uo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -50,7 +52,7 @@ if [ "${1:-}" = "--list" ]; then
   exit 0
 fi
 if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
-  sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 
@@ -94,6 +96,18 @@ for line in "${selected[@]}"; do
     rc=$?
   fi
   secs=$(( $(date +%s) - start ))
+  # Secrets a scenario uses (one per line in <scenario>/must-not-log.txt) must not
+  # appear anywhere in molecule's output: converge, idempotence, check, verify.
+  scenario_dir="$workdir/molecule/$scenario"
+  if [ "$rc" -eq 0 ] && [ -f "$scenario_dir/must-not-log.txt" ]; then
+    while IFS= read -r secret; do
+      [ -n "$secret" ] || continue
+      if grep -qF -- "$secret" "$log"; then
+        echo "run-molecule: $name: a secret from must-not-log.txt appears in the output (line $(grep -nF -- "$secret" "$log" | head -1 | cut -d: -f1) of the log)"
+        rc=3
+      fi
+    done <"$scenario_dir/must-not-log.txt"
+  fi
   if [ "$rc" -eq 0 ]; then
     passed=$((passed + 1))
     printf 'run-molecule: %-16s PASS  %4ds\n' "$name" "$secs"
