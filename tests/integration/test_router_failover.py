@@ -167,3 +167,18 @@ def test_all_breakers_open_gives_503_then_a_probe_recovers(fleet):
     sim.faults("none", 0.0)
     wait_until(lambda: router.chat().status_code == 200, timeout=10, interval=0.25, what="the probe to close it")
     assert metric_sum(router.metrics(), "gpufleet_router_breaker_state", worker="only") == 0
+
+
+def test_a_worker_restart_between_requests_costs_no_retry(fleet):
+    sim = fleet.sim("w1")
+    router = fleet.router(processes=1)
+    assert all(router.chat().status_code == 200 for _ in range(3))  # pooled keep-alive connections exist now
+    sim.daemon.stop()
+    fleet.restart_sim(sim)
+    # the pooled connections died with the old process: the router notices on reuse and
+    # sends on a fresh connection, without counting it against the worker
+    assert all(router.chat().status_code == 200 for _ in range(3))
+    m = router.metrics()
+    assert metric_sum(m, "gpufleet_router_upstream_attempts_total", worker="w1", outcome="ok") == 6
+    assert metric_sum(m, "gpufleet_router_upstream_attempts_total", worker="w1") == 6
+    assert metric_sum(m, "gpufleet_router_retries_total") == 0
