@@ -149,3 +149,16 @@ def test_two_router_instances_share_leases_and_a_killed_router_leaves_no_phantom
     assert live_leases(fleet, sims) == [1, 1, 1]
     m = b.metrics()
     assert metric_sum(m, "gpufleet_router_requests_total", model=MODEL, status="200") >= 303
+
+
+@pytest.mark.parametrize("policy", ["round_robin", "random"])
+def test_round_robin_and_random_policies(fleet, policy):
+    sims = [fleet.sim(f"w{i}") for i in range(3)]
+    router = fleet.router(processes=1, GPUFLEET_ROUTER_POLICY=policy)
+    assert all(router.chat(max_tokens=1).status_code == 200 for _ in range(30))
+    m = router.metrics()
+    counts = [metric_sum(m, "gpufleet_router_requests_total", worker=s.id) for s in sims]
+    if policy == "round_robin":
+        assert counts == [10, 10, 10]
+    else:
+        assert sum(counts) == 30 and all(c >= 2 for c in counts), counts
