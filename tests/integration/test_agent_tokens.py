@@ -6,14 +6,13 @@ Real PostgreSQL, Redis, control plane, simulator and agent processes.
 import json
 import os
 import stat
-import subprocess
 
 import pytest
 import requests
 
 from gpufleet.agent.testing import agent_env, start_agent, start_sim
-from gpufleet.controlplane.testing import ADMIN_TOKEN, cp_env, start_control_plane
-from support.procs import console_script, wait_until
+from gpufleet.controlplane.testing import ADMIN_TOKEN, cp_env, run_cli, start_control_plane
+from support.procs import wait_until
 
 MODEL = "tiny-llm"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -132,8 +131,4 @@ def test_a_rotated_token_replaces_the_old_one(daemons, cp, tmp_path):
 
 def rotate(cp_url, instance_id):
     """``gpufleet tokens rotate INSTANCE``, the operator's way."""
-    env = {"GPUFLEET_CONTROL_PLANE_URL": cp_url, "GPUFLEET_ADMIN_TOKEN": ADMIN_TOKEN, "PATH": "/usr/bin:/bin"}
-    result = subprocess.run([console_script("gpufleet"), "--json", "tokens", "rotate", instance_id], env=env,
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)["token"]
+    return json.loads(run_cli(cp_url, "--json", "tokens", "rotate", instance_id))["token"]

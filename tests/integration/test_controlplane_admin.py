@@ -2,22 +2,9 @@
 
 import hashlib
 
-import pytest
 import requests
 
-from gpufleet.controlplane.testing import ADMIN_TOKEN, ControlPlaneClient, cp_env, start_control_plane
-
-
-@pytest.fixture
-def cp(daemons, database_url, redis_url, redis_server):
-    _, url = start_control_plane(daemons, cp_env(database_url, redis_url))
-    client = ControlPlaneClient(url, database_url, redis_server.client())
-    yield client
-    client.redis.close()
-
-
-def bootstrap(cp, instance_id):
-    return cp.bootstrap(instance_id)
+from gpufleet.controlplane.testing import ADMIN_TOKEN
 
 
 def test_admin_api_requires_the_admin_token(cp):
@@ -66,7 +53,7 @@ def test_keys_are_hashed_published_and_revoked(cp):
 def test_health_readiness_and_status(cp):
     assert requests.get(cp.url + "/healthz", timeout=10).status_code == 200
     assert requests.get(cp.url + "/readyz", timeout=10).json() == {"status": "ready"}
-    token = bootstrap(cp, "i1")
+    token = cp.bootstrap("i1")
     cp.heartbeat("i1", token, status="starting")
     status = cp.admin("GET", "/v1/admin/status").json()
     assert status["workers"]["total"] == 1 and status["workers"]["routable"] == 0

@@ -1,22 +1,9 @@
 """The worker API of the control plane on a real process, real PostgreSQL and Redis:
 per-instance tokens, registration and heartbeats, payload validation."""
 
-import pytest
 import requests
 
-from gpufleet.controlplane.testing import ControlPlaneClient, cp_env, registration, start_control_plane
-
-
-@pytest.fixture
-def cp(daemons, database_url, redis_url, redis_server):
-    _, url = start_control_plane(daemons, cp_env(database_url, redis_url))
-    client = ControlPlaneClient(url, database_url, redis_server.client())
-    yield client
-    client.redis.close()
-
-
-def bootstrap(cp, instance_id):
-    return cp.bootstrap(instance_id)
+from gpufleet.controlplane.testing import registration
 
 
 def test_bootstrap_issues_a_token_once_and_stores_only_its_hash(cp):
@@ -42,7 +29,7 @@ def test_bootstrap_issues_a_token_once_and_stores_only_its_hash(cp):
 def test_unknown_and_retired_instances_are_refused(cp):
     resp = cp.register("nobody")
     assert resp.status_code == 403 and "gpufleet instances add nobody" in resp.json()["error"]["message"]
-    token = bootstrap(cp, "old")
+    token = cp.bootstrap("old")
     assert cp.admin("POST", "/v1/admin/instances/old/retire").status_code == 200
     assert cp.register("old", token=token).status_code == 403
     assert cp.heartbeat("old", token).status_code == 403
@@ -50,8 +37,8 @@ def test_unknown_and_retired_instances_are_refused(cp):
 
 
 def test_a_token_is_bound_to_its_instance(cp):
-    token_a = bootstrap(cp, "a")
-    token_b = bootstrap(cp, "b")
+    token_a = cp.bootstrap("a")
+    token_b = cp.bootstrap("b")
     # A's token cannot register or heartbeat as B, nor claim B's worker
     assert cp.register("b", token=token_a).status_code == 403
     assert cp.heartbeat("b", token_a).status_code == 403
@@ -68,7 +55,7 @@ def test_a_token_is_bound_to_its_instance(cp):
 
 
 def test_rotation_invalidates_the_old_token_at_once(cp):
-    old = bootstrap(cp, "i1")
+    old = cp.bootstrap("i1")
     assert cp.heartbeat("i1", old).status_code == 200
     resp = cp.admin("POST", "/v1/admin/instances/i1/rotate-token")
     assert resp.status_code == 200
@@ -113,7 +100,7 @@ def test_bad_registrations_name_the_field_and_change_nothing(cp):
 
 
 def test_bad_heartbeats_huge_bodies_and_non_json(cp):
-    token = bootstrap(cp, "i1")
+    token = cp.bootstrap("i1")
     headers = {"Authorization": f"Bearer {token}"}
     url = cp.url + "/internal/worker/heartbeat"
     for body, field in [({"instance_id": "i1", "worker_id": "i1", "model_id": "m1"}, "status"),
@@ -136,7 +123,7 @@ def test_bad_heartbeats_huge_bodies_and_non_json(cp):
 
 
 def test_heartbeat_updates_the_row_and_delivers_drain_and_undrain(cp):
-    token = bootstrap(cp, "i1")
+    token = cp.bootstrap("i1")
     resp = cp.heartbeat("i1", token, status="starting", queue_depth=3, gpu_util=55.5, ttft_p95_ms=120)
     assert resp.status_code == 200 and resp.json() == {}
     assert cp.query("SELECT status, queue_depth, gpu_util, ttft_p95_ms FROM workers") == [("starting", 3, 55.5, 120)]

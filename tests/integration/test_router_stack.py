@@ -4,7 +4,6 @@ simulators as real processes; the operator's side through the ``gpufleet`` CLI."
 from __future__ import annotations
 
 import json
-import subprocess
 import threading
 import time
 
@@ -15,7 +14,7 @@ from test_router_helpers import VLLM_KEY, metric_sum, parse_metrics, run_load
 
 from gpufleet.agent.testing import agent_env, start_agent, start_sim
 from gpufleet.common.rediskeys import RedisKeys
-from gpufleet.controlplane.testing import ADMIN_TOKEN, cp_env, start_control_plane, start_reconciler
+from gpufleet.controlplane.testing import cp_env, run_cli, start_control_plane, start_reconciler
 from support.procs import console_script, wait_until
 
 MODEL = "stack-model"
@@ -32,11 +31,7 @@ class Stack:
         self.sims: dict[str, str] = {}
 
     def cli(self, *args: str) -> str:
-        env = {"GPUFLEET_CONTROL_PLANE_URL": self.cp_url, "GPUFLEET_ADMIN_TOKEN": ADMIN_TOKEN, "PATH": "/usr/bin:/bin"}
-        result = subprocess.run([console_script("gpufleet"), *args], env=env, capture_output=True, text=True,
-                                timeout=60)
-        assert result.returncode == 0, result.stderr
-        return result.stdout
+        return run_cli(self.cp_url, *args)
 
     def worker(self, instance_id: str) -> str:
         self.cli("instances", "add", instance_id)

@@ -6,7 +6,6 @@ reconcile every 0.5 s; the bounds below add tolerance for a loaded 2-core machin
 """
 
 import json
-import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -16,8 +15,8 @@ import requests
 
 from gpufleet.agent.testing import TcpRelay, agent_env, start_agent, start_sim
 from gpufleet.common.rediskeys import RedisKeys
-from gpufleet.controlplane.testing import ADMIN_TOKEN, cp_env, start_control_plane, start_reconciler
-from support.procs import console_script, wait_until
+from gpufleet.controlplane.testing import cp_env, run_cli, start_control_plane, start_reconciler
+from support.procs import wait_until
 
 MODEL = "tiny-llm"
 HEARTBEAT_S = 1.0
@@ -32,11 +31,7 @@ class Fleet:
     redis: object
 
     def cli(self, *args: str) -> str:
-        env = {"GPUFLEET_CONTROL_PLANE_URL": self.cp_url, "GPUFLEET_ADMIN_TOKEN": ADMIN_TOKEN, "PATH": "/usr/bin:/bin"}
-        result = subprocess.run([console_script("gpufleet"), *args], env=env, capture_output=True, text=True,
-                                timeout=60)
-        assert result.returncode == 0, result.stderr
-        return result.stdout
+        return run_cli(self.cp_url, *args)
 
     def ready(self, worker_id: str = "gpu-a") -> bool:
         return self.redis.sismember(RedisKeys().ready_set(MODEL), worker_id)

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import argparse
 import http.server
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from gpufleet.controlplane.migrate import migrate
@@ -115,6 +118,17 @@ def start_control_plane(daemons, env: dict, *, name: str = "controlplane", migra
 
 def start_reconciler(daemons, env: dict, *, name: str = "reconciler"):
     return daemons.start(name, [daemons.script("gpufleet-reconciler")], env)
+
+
+def run_cli(cp_url: str, *args: str, admin_token: str = ADMIN_TOKEN) -> str:
+    """Run the operator CLI ``gpufleet ARGS`` as an operator would; its stdout, or
+    AssertionError with its stderr when it fails."""
+    script = Path(sys.executable).with_name("gpufleet")
+    env = {"GPUFLEET_CONTROL_PLANE_URL": cp_url, "GPUFLEET_ADMIN_TOKEN": admin_token, "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([str(script) if script.exists() else shutil.which("gpufleet"), *args], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, f"gpufleet {' '.join(args)}: {result.stderr}"
+    return result.stdout
 
 
 class _ReadyzHandler(http.server.BaseHTTPRequestHandler):
