@@ -198,8 +198,12 @@ def main() -> int:
     fleet = Fleet(args.workers, run_dir)
 
     def on_signal(signum, frame):
+        # a second Ctrl-C (or a SIGTERM on top) must not interrupt the clean-up
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise KeyboardInterrupt
 
+    signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     status = 0
     try:
@@ -207,7 +211,7 @@ def main() -> int:
         ask(fleet)
         show(fleet)
         print("READY", flush=True)
-        while not args.once:
+        while not args.once:  # serve until Ctrl-C
             fleet._check_alive()
             time.sleep(1)
     except KeyboardInterrupt:
@@ -217,6 +221,7 @@ def main() -> int:
         status = 1
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         fleet.down()
         if status == 0:
             shutil.rmtree(run_dir, ignore_errors=True)
