@@ -13,6 +13,8 @@
 #      VERBOSE=1 streams molecule's output instead of showing it only on failure.
 # A scenario may list secrets it uses in molecule/<scenario>/must-not-log.txt (one per
 # line): the scenario fails if any of them appears in molecule's output.
+# Molecule's state lives in .cache/molecule/<name> (MOLECULE_EPHEMERAL_DIRECTORY), so
+# separate checkouts on one machine do not share it.
 set -uo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -52,7 +54,7 @@ if [ "${1:-}" = "--list" ]; then
   exit 0
 fi
 if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
-  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 
@@ -86,6 +88,11 @@ passed=0; failed=0; failures=(); total_start=$(date +%s)
 for line in "${selected[@]}"; do
   IFS=$'\t' read -r name workdir scenario <<<"$line"
   log="$logdir/$name.log"
+  # molecule keys its state (instances, inventory) on the basename of the project
+  # directory only: two checkouts on one machine (a CI clone, a second engineer) would
+  # share ~/.cache/molecule/…/roles-x state. Keep it in this checkout instead.
+  export MOLECULE_EPHEMERAL_DIRECTORY="$repo/.cache/molecule/$name"
+  mkdir -p "$MOLECULE_EPHEMERAL_DIRECTORY"
   start=$(date +%s)
   printf 'run-molecule: %-16s molecule %s ...\n' "$name" "$command"
   if [ "${VERBOSE:-0}" = 1 ]; then
