@@ -10,6 +10,7 @@ Standard library only, so it runs with any Python 3 on the controller.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import threading
@@ -30,7 +31,10 @@ def main() -> None:
     p.add_argument("--stop-file", required=True)
     p.add_argument("--out", required=True)
     a = p.parse_args()
-    key = open(a.key[1:]).read().strip() if a.key.startswith("@") else a.key
+    key = a.key
+    if key.startswith("@"):
+        with open(key[1:], encoding="utf-8") as handle:
+            key = handle.read().strip()
 
     lock = threading.Lock()
     stats = {"sent": 0, "ok": 0, "failed": 0, "failures": {}, "streamed": 0}
@@ -63,7 +67,7 @@ def main() -> None:
                         reason = "answer without choices"
         except urllib.error.HTTPError as exc:
             reason = f"HTTP {exc.code}"
-        except Exception as exc:  # connection reset, timeout, bad JSON…
+        except (OSError, ValueError, http.client.HTTPException) as exc:  # refused, reset, timeout, cut short, bad JSON
             reason = type(exc).__name__
         elapsed = time.monotonic() - t0
         with lock:
