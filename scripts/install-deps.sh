@@ -8,6 +8,7 @@ have() { command -v "$1" >/dev/null 2>&1; }
 have redis-server || want+=(redis-server)
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || have initdb || want+=(postgresql)
 have runuser || want+=(util-linux)
+have openssl || want+=(openssl)
 if [ "${GPUFLEET_WITH_PODMAN:-1}" = 1 ]; then
   have podman || want+=(podman)
   have runc || want+=(runc)

@@ -40,11 +40,11 @@ def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05, what: s
 
 
 def wait_http(url: str, timeout: float = 20.0, status: int | None = 200, proc: Daemon | None = None,
-              headers: dict | None = None) -> requests.Response:
+              headers: dict | None = None, verify: bool | str = True) -> requests.Response:
     def probe():
         if proc is not None and proc.popen.poll() is not None:
             raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.output()}")
-        resp = requests.get(url, timeout=1, headers=headers)
+        resp = requests.get(url, timeout=1, headers=headers, verify=verify)
         return resp if status is None or resp.status_code == status else None
     return wait_until(probe, timeout=timeout, what=f"{url} to answer {status}")
 

@@ -64,13 +64,13 @@ def main(argv: list[str] | None = None) -> None:
     def child_exit(_server, worker):
         multiprocess.mark_process_dead(worker.pid, metrics_dir)
 
-    log.info("gpufleet-router on %s:%d, %d process(es), policy %s, redis %s", config.host, config.port,
-             config.processes, config.policy, redact_url(config.redis_url))
+    log.info("gpufleet-router on %s://%s:%d, %d process(es), policy %s, redis %s", config.scheme, config.host,
+             config.port, config.processes, config.policy, redact_url(config.redis_url))
+    tls = {"certfile": config.tls_cert_file, "keyfile": config.tls_key_file} if config.tls_cert_file else {}
     serve(lambda: create_app(config, breaker_table=table), config.host, config.port,
           workers=config.processes, worker_class="gpufleet.router.worker.RouterWorker",
           worker_connections=10000, keepalive=75,
-          extra={"child_exit": child_exit, "loglevel": config.log_level.lower(),
-                 "control_socket_disable": True})
+          extra={"child_exit": child_exit, "loglevel": config.log_level.lower(), **tls})
 
 
 if __name__ == "__main__":

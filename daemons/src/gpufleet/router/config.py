@@ -40,6 +40,8 @@ class RouterConfig:
     pool_maxsize: int = 256
     log_level: str = "INFO"
     metrics_dir: str | None = None
+    tls_cert_file: str | None = None  # PEM certificate (chain) clients see; with tls_key_file, HTTPS
+    tls_key_file: str | None = None
     background: bool = True  # the event listener, refresher and lease renewer (off in some unit tests)
 
     @classmethod
@@ -79,9 +81,26 @@ class RouterConfig:
             pool_maxsize=env.int("GPUFLEET_ROUTER_POOL_MAXSIZE", 256, minimum=1, maximum=100000),
             log_level=(env.str("GPUFLEET_LOG_LEVEL", "INFO") or "INFO").upper(),
             metrics_dir=env.str("PROMETHEUS_MULTIPROC_DIR"),
+            **_tls_files(env),
         )
         if cfg.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ConfigError(f"GPUFLEET_LOG_LEVEL={cfg.log_level!r} is not a level: set it to INFO or DEBUG")
         if not cfg.router_id or any(c.isspace() for c in cfg.router_id):
             raise ConfigError("GPUFLEET_ROUTER_ID must be a non-empty word, e.g. router-1")
         return cfg
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert_file else "http"
+
+
+def _tls_files(env: Env) -> dict:
+    """Both TLS files or neither; each must be readable now, not at the first handshake."""
+    names = ("GPUFLEET_ROUTER_TLS_CERT_FILE", "GPUFLEET_ROUTER_TLS_KEY_FILE")
+    cert, key = (env.str(name) for name in names)
+    if bool(cert) != bool(key):
+        raise ConfigError(f"set both {names[0]} and {names[1]} (PEM files) to serve HTTPS, or neither for HTTP")
+    for name, path in zip(names, (cert, key), strict=True):
+        if path and not os.access(path, os.R_OK):
+            raise ConfigError(f"{name}={path!r} cannot be read: point it at a PEM file the router's user can read")
+    return {"tls_cert_file": cert, "tls_key_file": key}
