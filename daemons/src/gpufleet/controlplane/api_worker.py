@@ -146,10 +146,6 @@ def publish(svc, worker, *, strict: bool = False) -> None:
 def _publish(svc, worker) -> None:
     verdict = assess_row(worker, svc.config.stale_after_s)
     if verdict.routable:
-        svc.publisher.publish_worker(
-            worker["worker_id"], worker["model_id"], worker["advertise_url"], status="ready",
-            queue_depth=worker["queue_depth"], running=worker["running"],
-            kv_cache_usage=worker["kv_cache_usage"], gpu_util=worker["gpu_util"],
-            ttft_p95_ms=worker["ttft_p95_ms"])
+        svc.publisher.publish_worker_row(worker)
     else:
         svc.publisher.unpublish_worker(worker["worker_id"], worker["model_id"], verdict.event)

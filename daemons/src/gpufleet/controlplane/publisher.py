@@ -113,6 +113,13 @@ class Publisher:
 
     # -- workers -------------------------------------------------------------------------
 
+    def publish_worker_row(self, row: Mapping) -> bool:
+        """Make a ``workers`` row routable, with the load its last heartbeat reported."""
+        return self.publish_worker(
+            row["worker_id"], row["model_id"], row["advertise_url"], status="ready",
+            queue_depth=row["queue_depth"], running=row["running"], kv_cache_usage=row["kv_cache_usage"],
+            gpu_util=row["gpu_util"], ttft_p95_ms=row["ttft_p95_ms"])
+
     def publish_worker(self, worker_id: str, model_id: str, url: str, status: str = "ready",
                        queue_depth=0, running=0, kv_cache_usage=0.0, gpu_util=0.0,
                        ttft_p95_ms=0.0) -> bool:

@@ -82,11 +82,7 @@ class Reconciler:
                 self._last_health[row["worker_id"]] = verdict.health
             if verdict.routable:
                 routable.setdefault(row["model_id"], set()).add(row["worker_id"])
-                self.publisher.publish_worker(
-                    row["worker_id"], row["model_id"], row["advertise_url"], status="ready",
-                    queue_depth=row["queue_depth"], running=row["running"],
-                    kv_cache_usage=row["kv_cache_usage"], gpu_util=row["gpu_util"],
-                    ttft_p95_ms=row["ttft_p95_ms"])
+                self.publisher.publish_worker_row(row)
             else:
                 self.publisher.unpublish_worker(row["worker_id"], row["model_id"], verdict.event)
 
