@@ -3,7 +3,9 @@ determinism and start-up."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import time
 
 import openai
@@ -201,3 +203,34 @@ def test_health_is_503_while_loading_then_200(daemons):
     assert ok.text == ""
     assert time.monotonic() - started_at > 0.5
     assert requests.post(base + "/v1/completions", json={"prompt": "x"}, timeout=5).status_code == 200
+
+
+def _idle_keep_alive_connection(base: str) -> socket.socket:
+    """A connection that has had one answered keep-alive request and now sits idle."""
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=5)
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n")
+    head = sock.recv(4096)
+    assert head.startswith(b"HTTP/1.1 200") and b"connection: close" not in head.lower()
+    return sock
+
+
+def test_idle_keep_alive_connection_is_closed_after_5_s_by_default(daemons):
+    """As vLLM (uvicorn's timeout_keep_alive): a client or router that reuses a connection
+    idle for longer than that meets a closed socket, so the simulator must not hide it."""
+    base, _ = start_sim(daemons)
+    with contextlib.closing(_idle_keep_alive_connection(base)) as sock:
+        sock.settimeout(3.5)
+        with pytest.raises(TimeoutError):
+            sock.recv(1)                           # still open after 3.5 s idle
+        sock.settimeout(6)
+        assert sock.recv(1) == b""                 # closed by the server before 9.5 s
+
+
+def test_keep_alive_timeout_flag(daemons):
+    base, _ = start_sim(daemons, "--keep-alive-timeout", "0.5")
+    with contextlib.closing(_idle_keep_alive_connection(base)) as sock:
+        started = time.monotonic()
+        sock.settimeout(5)
+        assert sock.recv(1) == b""
+        assert time.monotonic() - started < 4

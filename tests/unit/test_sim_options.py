@@ -11,6 +11,7 @@ def test_defaults_match_the_agreed_interface():
     assert (o.ttft_ms, o.itl_ms, o.prefill_ms_per_token, o.jitter, o.slowdown_per_seq) == (40, 8, 0.02, 0.1, 0.01)
     assert (o.default_max_tokens, o.startup_delay, o.fault_rate, o.enable_fault_api) == (16, 0, 0, False)
     assert o.served_names == ("facebook/opt-125m",)
+    assert o.keep_alive_timeout == 5  # vLLM's (uvicorn's) idle keep-alive timeout
 
 
 def test_all_flags():
@@ -18,9 +19,11 @@ def test_all_flags():
                     "--max-num-seqs", "2", "--api-key", "k", "--seed", "7", "--ttft-ms", "0", "--itl-ms", "1.5",
                     "--prefill-ms-per-token", "0", "--jitter", "0", "--slowdown-per-seq", "0.5",
                     "--default-max-tokens", "3", "--startup-delay", "1", "--fault-rate", "0.5",
-                    "--fault-mode", "reset", "--enable-fault-api", "--output-len-range", "4:8"])
+                    "--fault-mode", "reset", "--enable-fault-api", "--output-len-range", "4:8",
+                    "--keep-alive-timeout", "0.5"])
     assert o.served_names == ("a", "b") and o.api_key == "k" and o.itl_ms == 1.5
     assert (o.fault_mode, o.fault_rate, o.output_len_range) == ("reset", 0.5, (4, 8))
+    assert o.keep_alive_timeout == 0.5
 
 
 def test_api_key_from_environment_like_vllm(monkeypatch):
@@ -37,6 +40,7 @@ def test_api_key_from_environment_like_vllm(monkeypatch):
     (["m", "--itl-ms", "fast"], "itl-ms"),
     (["m", "--port", "70000"], "port"),
     (["m", "--output-len-range", "9:3"], "output-len-range"),
+    (["m", "--keep-alive-timeout", "-1"], "keep-alive-timeout"),
 ])
 def test_invalid_flags_exit_2_with_a_clear_message(argv, words, capsys):
     with pytest.raises(SystemExit) as info:

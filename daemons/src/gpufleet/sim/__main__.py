@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> None:
              options.max_num_seqs, latency)
     web.run_app(app, host=options.host, port=options.port, print=None, backlog=2048,
                 access_log=logging.getLogger("aiohttp.access") if options.access_log else None,
-                handler_cancellation=True, shutdown_timeout=options.shutdown_timeout)
+                handler_cancellation=True, shutdown_timeout=options.shutdown_timeout,
+                keepalive_timeout=options.keep_alive_timeout)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ class SimOptions:
     fault_scope: str = "completions"
     enable_fault_api: bool = False
     shutdown_timeout: float = 1.0
+    keep_alive_timeout: float = 5.0
     access_log: bool = False
     log_level: str = "INFO"
 
@@ -110,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--enable-fault-api", action="store_true", help="expose GET/POST /sim/faults")
     p.add_argument("--shutdown-timeout", type=_number(float, 0), default=1.0,
                    help="seconds to let requests finish on SIGTERM")
+    p.add_argument("--keep-alive-timeout", type=_number(float, 0), default=5.0, metavar="SECONDS",
+                   help="close a keep-alive connection idle this long (default 5, as vLLM's uvicorn)")
     p.add_argument("--access-log", action="store_true", help="log every request (slower)")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                    type=str.upper)
@@ -126,4 +129,5 @@ def parse_args(argv: list[str] | None = None) -> SimOptions:
         default_max_tokens=a.default_max_tokens, output_len_range=a.output_len_range,
         startup_delay=a.startup_delay, fault_rate=a.fault_rate, fault_mode=a.fault_mode,
         fault_scope=a.fault_scope, enable_fault_api=a.enable_fault_api,
-        shutdown_timeout=a.shutdown_timeout, access_log=a.access_log, log_level=a.log_level)
+        shutdown_timeout=a.shutdown_timeout, keep_alive_timeout=a.keep_alive_timeout,
+        access_log=a.access_log, log_level=a.log_level)
