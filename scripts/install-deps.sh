@@ -9,6 +9,8 @@ have redis-server || want+=(redis-server)
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || have initdb || want+=(postgresql)
 have runuser || want+=(util-linux)
 have openssl || want+=(openssl)
+# Prometheus 2.42 from Debian: promtool for the rule tests, prometheus for the live-fleet test and the demo
+have promtool || want+=(prometheus)
 if [ "${GPUFLEET_WITH_PODMAN:-1}" = 1 ]; then
   have podman || want+=(podman)
   have runc || want+=(runc)
@@ -32,7 +34,7 @@ sudo=""
 export DEBIAN_FRONTEND=noninteractive
 $sudo apt-get update -qq
 $sudo apt-get install -y -qq --no-install-recommends "${want[@]}" >/dev/null
-# Debian's redis-server and nginx packages start system services; the tests run their own.
-for svc in redis-server nginx; do
+# Debian's redis-server, nginx and prometheus packages start system services; the tests run their own.
+for svc in redis-server nginx prometheus prometheus-node-exporter; do
   $sudo systemctl disable --now "$svc" >/dev/null 2>&1 || $sudo service "$svc" stop >/dev/null 2>&1 || true
 done

@@ -13,6 +13,8 @@ import sys
 from collections.abc import Callable, Mapping
 from urllib.parse import urlparse
 
+from gpufleet.common.ids import sha256_hex
+
 EXIT_CONFIG = 2
 
 
@@ -116,6 +118,21 @@ def parse_bind(name: str, value: str) -> tuple[str, int]:
         raise ConfigError(f"{name}={value!r} is not host:port: set it to e.g. 0.0.0.0:8080")
     host = host.strip("[]") or "0.0.0.0"
     return host, int(port)
+
+
+def secret_hash(name: str, value: str) -> str:
+    """The SHA-256 hex of a bearer-token setting given in clear or as ``sha256:<hex>``
+    (so an env file need not hold the token itself)."""
+    if value.startswith("sha256:"):
+        digest = value[len("sha256:"):].strip().lower()
+        if len(digest) != 64 or not set(digest) <= set("0123456789abcdef"):
+            raise ConfigError(f"{name}=sha256:… must be followed by 64 hex digits "
+                              "(the SHA-256 of the token, e.g. from `printf %s TOKEN | sha256sum`)")
+        return digest
+    if len(value) < 16:
+        raise ConfigError(f"{name} is too short: use at least 16 characters, "
+                          "e.g. `python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`")
+    return sha256_hex(value)
 
 
 def redact_url(url: str) -> str:

@@ -72,11 +72,13 @@ def create_app(config: ControlPlaneConfig) -> Flask:
 
     from gpufleet.controlplane.api_admin import admin  # noqa: PLC0415 - blueprints import this module
     from gpufleet.controlplane.api_health import health
+    from gpufleet.controlplane.api_sd import sd_api
     from gpufleet.controlplane.api_worker import worker_api
 
     app.register_blueprint(health)
     app.register_blueprint(worker_api)
     app.register_blueprint(admin)
+    app.register_blueprint(sd_api)
 
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError):

@@ -5,26 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from gpufleet.common.config import ConfigError, Env, redact_url
-from gpufleet.common.ids import sha256_hex
+from gpufleet.common.config import ConfigError, Env, redact_url, secret_hash
 from gpufleet.common.rediskeys import DEFAULT_PREFIX
 from gpufleet.controlplane.scaling import ScalingSettings
-
-_HEX = set("0123456789abcdef")
-
-
-def admin_token_hash(value: str) -> str:
-    """``GPUFLEET_ADMIN_TOKEN`` is the clear token or ``sha256:<hex>`` of it."""
-    if value.startswith("sha256:"):
-        digest = value[len("sha256:"):].strip().lower()
-        if len(digest) != 64 or not set(digest) <= _HEX:
-            raise ConfigError("GPUFLEET_ADMIN_TOKEN=sha256:… must be followed by 64 hex digits "
-                              "(the SHA-256 of the admin token, e.g. from `printf %s TOKEN | sha256sum`)")
-        return digest
-    if len(value) < 16:
-        raise ConfigError("GPUFLEET_ADMIN_TOKEN is too short: use at least 16 characters, "
-                          "e.g. gfa_ + `python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`")
-    return sha256_hex(value)
+from gpufleet.controlplane.sd import SdSettings
 
 
 @dataclass(frozen=True)
@@ -44,6 +28,7 @@ class ControlPlaneConfig:
     probe_concurrency: int = 32
     log_level: str = "INFO"
     scaling: ScalingSettings = field(default_factory=ScalingSettings)
+    sd: SdSettings = field(default_factory=SdSettings)
 
     @property
     def stale_after_s(self) -> float:
@@ -75,7 +60,7 @@ class ControlPlaneConfig:
         return cls(
             database_url=database_url,
             redis_url=redis_url,
-            admin_token_hash=admin_token_hash(token) if token else "",
+            admin_token_hash=secret_hash("GPUFLEET_ADMIN_TOKEN", token) if token else "",
             bind_host=host,
             bind_port=port,
             redis_prefix=env.str("GPUFLEET_REDIS_PREFIX", DEFAULT_PREFIX),
@@ -88,4 +73,5 @@ class ControlPlaneConfig:
             probe_concurrency=env.int("GPUFLEET_PROBE_CONCURRENCY", 32, minimum=1, maximum=512),
             log_level=env.str("GPUFLEET_LOG_LEVEL", "INFO"),
             scaling=ScalingSettings.from_env(env),
+            sd=SdSettings.from_env(env),
         )

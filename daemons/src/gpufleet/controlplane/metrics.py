@@ -53,6 +53,10 @@ class FleetCollector:
                                     "Replicas seen by the last scaling decision", labels=["model_id"])
         decided = GaugeMetricFamily("gpufleet_scaling_last_decision_timestamp_seconds",
                                     "Time of the last scaling decision", labels=["model_id", "action"])
+        cycle = GaugeMetricFamily("gpufleet_reconciler_last_cycle_timestamp_seconds",
+                                  "When the leading reconciler last completed a cycle")
+        cycle_ms = GaugeMetricFamily("gpufleet_reconciler_last_cycle_duration_seconds",
+                                     "How long the leading reconciler's last cycle took")
         up = GaugeMetricFamily("gpufleet_cp_database_up", "Whether the database answered this scrape")
         try:
             with self.db.cursor() as cur:
@@ -61,6 +65,9 @@ class FleetCollector:
                                       extract(epoch FROM decided_at)::float8 AS ts
                                FROM scaling_decisions ORDER BY model_id, decided_at DESC""")
                 decisions = cur.fetchall()
+                cur.execute("SELECT extract(epoch FROM last_cycle_at)::float8 AS ts, last_cycle_ms "
+                            "FROM reconciler_state")
+                reconciler = cur.fetchone()
         except Exception as exc:  # noqa: BLE001 - a scrape must not fail because the DB is down
             log.warning("metrics: database unreachable: %s", exc)
             up.add_metric([], 0)
@@ -87,7 +94,12 @@ class FleetCollector:
             desired.add_metric([d["model_id"]], d["desired_replicas"])
             current.add_metric([d["model_id"]], d["current_replicas"])
             decided.add_metric([d["model_id"], d["action"]], d["ts"])
-        yield from (up, workers, reported, routable, desired, current, decided)
+        families = [up, workers, reported, routable, desired, current, decided]
+        if reconciler is not None:  # absent until a reconciler has led once
+            cycle.add_metric([], reconciler["ts"])
+            cycle_ms.add_metric([], reconciler["last_cycle_ms"] / 1000)
+            families += [cycle, cycle_ms]
+        yield from families
 
 
 def exposition(registry: CollectorRegistry, fleet: FleetCollector) -> bytes:
