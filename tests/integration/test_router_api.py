@@ -197,3 +197,53 @@ def test_health_ready_and_config_errors(fleet, daemons):
                                         "GPUFLEET_ROUTER_FIRST_BYTE_TIMEOUT_S": "soon"},
                          capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "GPUFLEET_ROUTER_FIRST_BYTE_TIMEOUT_S" in bad.stderr
+
+
+def test_vllm_surfaces_request_ids_and_bad_input(fleet):
+    """What clients of vLLM use besides completions: /health (guidellm probes it first),
+    models.retrieve, X-Request-Id on every answer; and bad input answered, not crashed on."""
+    sim = fleet.sim("w1")
+    router = fleet.router(processes=1, GPUFLEET_ROUTER_MAX_BODY_BYTES=4096)
+    client = openai.OpenAI(base_url=router.url + "/v1", api_key=fleet.key, max_retries=0, timeout=30)
+
+    assert requests.get(router.url + "/health", timeout=5).status_code == 200
+    model = client.models.retrieve(MODEL)
+    assert model.id == MODEL and model.object == "model"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+
+    # the client's id is kept, sent to the worker (the simulator names its completion after it) and returned
+    resp = requests.post(
+        router.url + "/v1/chat/completions", headers={**router.headers(), "X-Request-Id": "req-abc.123"},
+        json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}, timeout=30)
+    assert resp.status_code == 200 and resp.headers["X-Request-Id"] == "req-abc.123"
+    assert resp.json()["id"].endswith("req-abc.123")
+    # an id that is not a sane token is replaced by a new one; every answer has one, errors too
+    odd = requests.post(router.url + "/v1/chat/completions", headers={**router.headers(), "X-Request-Id": "a b"},
+                        json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+                        timeout=30)
+    assert odd.status_code == 200 and len(odd.headers["X-Request-Id"]) == 32
+    for answer in (requests.get(router.url + "/v1/models", timeout=5),
+                   requests.get(router.url + "/nowhere", timeout=5),
+                   requests.get(router.url + "/v1/completions", timeout=5),
+                   requests.get(router.url + "/metrics", timeout=5),
+                   router.chat(model="no-such-model")):
+        assert answer.headers.get("X-Request-Id"), (answer.status_code, answer.headers)
+
+    headers = {**router.headers(), "Content-Type": "application/json"}
+    url = router.url + "/v1/chat/completions"
+    deep = b'{"model": "' + MODEL.encode() + b'", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    roomy = fleet.router(processes=1, name="router-big", GPUFLEET_ROUTER_MAX_BODY_BYTES=1 << 20)
+    assert_openai_error(requests.post(roomy.url + "/v1/chat/completions", data=deep, headers=headers,
+                                      timeout=30), 400, "invalid_json")
+    # a large body sent whole, without Expect: the client still reads the 413 (the body is drained)
+    huge = b"x" * (64 << 20)
+    assert_openai_error(requests.post(url, data=huge, headers=headers, timeout=60), 413, "request_too_large")
+
+    # 503s say when to come back
+    sim.unpublish("draining")
+    wait_until(lambda: router.chat().status_code == 503, timeout=10, what="503 without workers")
+    resp = router.chat()
+    assert_openai_error(resp, 503, "no_routable_worker")
+    assert resp.headers["Retry-After"].isdigit()
+    assert metric_sum(router.metrics(), "gpufleet_router_inflight_requests") == 0

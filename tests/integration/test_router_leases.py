@@ -28,14 +28,15 @@ def counts(manager):
 
 def test_acquire_takes_the_least_loaded_in_the_given_order(link):
     leases = LeaseManager(link, RedisKeys(), "r1", ttl_s=30)
-    first, seen = leases.acquire(WORKERS, None)
-    assert first.worker_id == "w1" and seen == [0, 0, 0]  # equal loads: the first in the policy's order
-    second, seen = leases.acquire(WORKERS, None)
-    assert second.worker_id == "w2" and seen == [1, 0, 0]
-    third, _ = leases.acquire(["w3", "w1", "w2"], None)
+    first = leases.acquire(WORKERS, None)
+    assert first.worker_id == "w1"  # equal loads: the first in the policy's order
+    assert counts(leases) == [1, 0, 0]
+    second = leases.acquire(WORKERS, None)
+    assert second.worker_id == "w2"
+    third = leases.acquire(["w3", "w1", "w2"], None)
     assert third.worker_id == "w3"
-    fourth, seen = leases.acquire(["w2", "w1"], None)
-    assert fourth.worker_id == "w2" and seen == [1, 1]
+    fourth = leases.acquire(["w2", "w1"], None)  # both at 1: the first of this order
+    assert fourth.worker_id == "w2"
     assert counts(leases) == [1, 2, 1]
     leases.release(second)
     assert counts(leases) == [1, 1, 1]
@@ -63,7 +64,7 @@ def test_concurrent_acquisitions_are_atomic_and_batched(link):
 
         def take():
             barrier.wait()
-            taken.append(leases.acquire(WORKERS, None)[0])
+            taken.append(leases.acquire(WORKERS, None))
 
         threads = [threading.Thread(target=take) for _ in range(60)]
         for t in threads:
@@ -87,8 +88,8 @@ def test_redis_down_falls_back_to_local_counts(link):
     link.mark_down(ConnectionError("test"))
     chosen = []
     for _ in range(3):
-        lease, seen = leases.acquire(WORKERS, lambda local: min(WORKERS, key=lambda w: local.get(w, 0)))
-        assert seen is None and not lease.shared
+        lease = leases.acquire(WORKERS, lambda local: min(WORKERS, key=lambda w: local.get(w, 0)))
+        assert not lease.shared
         chosen.append(lease)
     assert sorted(le.worker_id for le in chosen) == WORKERS
     assert leases.local.counts == {"w1": 1, "w2": 1, "w3": 1}

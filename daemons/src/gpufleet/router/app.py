@@ -10,74 +10,110 @@ from flask import Flask, Response, request
 
 from gpufleet.common.rediskeys import RedisKeys
 
+from .admission import Admission, request_id
+from .attempts import Attempts
 from .auth import KeyCache
 from .breaker import Breakers, BreakerTable
 from .config import RouterConfig
+from .exchange import ClientWatch, Ledger
 from .leases import LeaseManager
 from .metrics import RouterMetrics, breaker_families, worker_families
 from .policies import Policy
-from .proxy import Proxy, RequestError
+from .proxy import Proxy
 from .ratelimit import RateLimiter
 from .redisconn import RedisLink
 from .registry import Registry
+from .respond import RequestError, error_response
 from .retry import RetryBudget, RetryPolicy
 from .upstream import Upstreams
+
+PROXIED = frozenset(("/v1/chat/completions", "/v1/completions"))
 
 
 def _json(payload, status: int = 200) -> Response:
     return Response(json.dumps(payload), status=status, content_type="application/json")
 
 
+def _error(err: RequestError) -> Response:
+    answer = error_response(err.status, err.message, err.code, err.param, err.headers)
+    return Response(answer.body, status=answer.status, headers=answer.headers)
+
+
 def create_app(config: RouterConfig, breaker_table: BreakerTable | None = None) -> Flask:
     keys = RedisKeys(config.redis_prefix)
-    link = RedisLink(config.redis_url, config.redis_timeout_s)
+    link = RedisLink(config.redis_url, config.redis_timeout_s, budget_s=config.redis_budget_s)
     metrics = RouterMetrics(config.metrics_dir)
     link.on_change = lambda up: metrics.redis_up.set(1 if up else 0)
     registry = Registry(link, keys, config.refresh_interval_s)
-    key_cache = KeyCache(link, keys, config.key_cache_ttl_s, config.key_negative_ttl_s,
-                         on_lookup=metrics.key_lookups.inc)
-    registry.on_keys_changed = key_cache.clear
     leases = LeaseManager(link, keys, config.router_id, config.lease_ttl_s)
+    key_cache = KeyCache(link, keys, config.key_cache_ttl_s, config.key_negative_ttl_s,
+                         on_lookup=metrics.key_lookups.inc, batcher=leases.batcher)
+    registry.on_keys_changed = key_cache.clear
     breakers = Breakers(breaker_table or BreakerTable(shared=False), config.breaker_failures,
                         config.breaker_cooldown_s,
                         probe_timeout_s=config.connect_timeout_s + config.first_byte_timeout_s,
                         on_change=lambda wid, old, new: metrics.breaker_transitions.labels(
                             wid, {0: "closed", 1: "open", 2: "half_open"}[new]).inc())
-    retry = RetryPolicy(config.retries, RetryBudget(config.retry_budget_ratio, config.retry_budget_min_per_s))
     upstreams = Upstreams(config.vllm_api_key, config.connect_timeout_s, config.first_byte_timeout_s,
-                          config.read_timeout_s, config.pool_maxsize)
-    proxy = Proxy(keys=key_cache, registry=registry, policy=Policy(config.policy), leases=leases,
-                  breakers=breakers, retry=retry, upstreams=upstreams, metrics=metrics,
-                  max_body_bytes=config.max_body_bytes,
-                  limiter=RateLimiter(link, leases.batcher, config.redis_prefix))
+                          config.read_timeout_s, config.pool_maxsize, config.pool_max_idle_s)
+    admission = Admission(key_cache, registry, config.max_body_bytes,
+                          RateLimiter(link, leases.batcher, config.redis_prefix))
+    attempts = Attempts(policy=Policy(config.policy), leases=leases, breakers=breakers,
+                        retry=RetryPolicy(config.retries, RetryBudget(config.retry_budget_ratio,
+                                                                      config.retry_budget_min_per_s)),
+                        upstreams=upstreams, metrics=metrics, max_response_bytes=config.max_response_bytes)
+    proxy = Proxy(admission, attempts, Ledger(metrics, leases, breakers, ClientWatch()))
     metrics.redis_up.set(0)
     metrics.add_scrape_source(lambda: breaker_families(breakers, registry))
     metrics.add_scrape_source(lambda: worker_families(registry, link))
 
+    seen: dict[str, str] = {}  # worker id → url of the current view
+
+    def view_changed(view) -> None:
+        """Workers that left the view: their breaker slots and connection pools are freed."""
+        current = {w.id: w.url for ws in view.values() for w in ws}
+        for wid in seen.keys() - current.keys():
+            breakers.forget(wid)
+        if seen.keys() - current.keys() or set(seen.values()) - set(current.values()):
+            upstreams.retire(set(current.values()))
+        seen.clear()
+        seen.update(current)
+
+    registry.on_view_changed = view_changed
+
     app = Flask("gpufleet.router")
     app.config["ROUTER"] = config
-    app.extensions["gpufleet_router"] = proxy
     created = int(time.time())
 
-    # POST /v1/chat/completions and /v1/completions: see wsgi_app below
-    @app.post("/v1/chat/completions")
-    @app.post("/v1/completions")
-    def proxied_path():
-        return proxy.handle(request.environ, request.path)
+    def model_card(model_id: str) -> dict:
+        return {"id": model_id, "object": "model", "created": created, "owned_by": "gpufleet",
+                "root": model_id, "parent": None}
 
     @app.get("/v1/models")
     def list_models():
         try:
-            key = proxy.authenticate(request.environ)
+            key = admission.authenticate(request.environ)
         except RequestError as err:
-            return err.response()
-        data = [{"id": m, "object": "model", "created": created, "owned_by": "gpufleet"}
-                for m in registry.models() if key.allows(m)]
-        return _json({"object": "list", "data": data})
+            return _error(err)
+        return _json({"object": "list", "data": [model_card(m) for m in registry.models() if key.allows(m)]})
+
+    @app.get("/v1/models/<path:model_id>")
+    def retrieve_model(model_id: str):
+        try:
+            key = admission.authenticate(request.environ)
+        except RequestError as err:
+            return _error(err)
+        if model_id not in registry.models() or not key.allows(model_id):
+            return _error(RequestError(404, f"The model '{model_id}' does not exist.", "model_not_found", "model"))
+        return _json(model_card(model_id))
 
     @app.get("/healthz")
     def healthz():
         return _json({"status": "ok"})
+
+    @app.get("/health")
+    def health():
+        return Response(b"", status=200)  # vLLM's liveness path, which its tooling probes first
 
     @app.get("/readyz")
     def readyz():
@@ -86,7 +122,7 @@ def create_app(config: RouterConfig, breaker_table: BreakerTable | None = None) 
             return _json({"status": "ok", **body})
         if link.ever_up:
             # still serving with the last known workers and keys
-            return _json({"status": "degraded", "reason": "redis unreachable", **body})
+            return _json({"status": "degraded", "reason": link.reason, **body})
         return _json({"status": "starting", "reason": "redis not reached yet", **body}, 503)
 
     @app.get("/metrics")
@@ -95,23 +131,33 @@ def create_app(config: RouterConfig, breaker_table: BreakerTable | None = None) 
 
     @app.errorhandler(404)
     def not_found(_exc):
-        return _json({"error": {"message": f"No route for {request.path}", "type": "invalid_request_error",
-                                "param": None, "code": "unknown_url"}}, 404)
+        return _error(RequestError(404, f"No route for {request.path}", "unknown_url"))
 
     @app.errorhandler(405)
     def not_allowed(_exc):
-        return _json({"error": {"message": f"{request.method} is not allowed on {request.path}",
-                                "type": "invalid_request_error", "param": None, "code": "method_not_allowed"}}, 405)
+        return _error(RequestError(405, f"{request.method} is not allowed on {request.path}",
+                                   "method_not_allowed"))
+
+    @app.after_request
+    def tag(response):
+        response.headers["X-Request-Id"] = request.environ["gpufleet.request_id"]
+        return response
 
     # The two proxied paths skip Flask's request context and routing (about a tenth of the
-    # request path's CPU); everything else goes through the Flask app as usual.
+    # request path's CPU): Proxy is their WSGI application. Everything else is Flask's.
     flask_wsgi = app.wsgi_app
-    proxied = {"/v1/chat/completions", "/v1/completions"}
 
     def wsgi_app(environ, start_response):
-        path = environ.get("PATH_INFO")
-        if path in proxied and environ.get("REQUEST_METHOD") == "POST":
-            return proxy.handle(environ, path)(environ, start_response)
+        if environ.get("PATH_INFO") in PROXIED:
+            if environ.get("REQUEST_METHOD") == "POST":
+                return proxy(environ, start_response)
+            environ["gpufleet.request_id"] = request_id(environ)
+            err = RequestError(405, f"{environ.get('REQUEST_METHOD')} is not allowed on {environ['PATH_INFO']}: "
+                               "use POST", "method_not_allowed", headers=[("Allow", "POST")])
+            answer = _error(err)
+            answer.headers["X-Request-Id"] = environ["gpufleet.request_id"]
+            return answer(environ, start_response)
+        environ["gpufleet.request_id"] = request_id(environ)
         return flask_wsgi(environ, start_response)
 
     app.wsgi_app = wsgi_app
@@ -122,6 +168,4 @@ def create_app(config: RouterConfig, breaker_table: BreakerTable | None = None) 
     if config.background:
         registry.start()
         leases.start()
-    app.extensions["gpufleet_router_parts"] = {"registry": registry, "leases": leases, "link": link,
-                                               "keys": key_cache, "breakers": breakers}
     return app

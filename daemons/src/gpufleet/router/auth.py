@@ -34,7 +34,7 @@ class KeyUnavailable(Exception):
 
 class KeyCache:
     def __init__(self, link: RedisLink, keys, ttl_s: float = 5.0, negative_ttl_s: float = 2.0,
-                 max_negative: int = 10000, clock=time.monotonic, on_lookup=None):
+                 max_negative: int = 10000, clock=time.monotonic, on_lookup=None, batcher=None):
         self.link = link
         self.keys = keys
         self.ttl_s = ttl_s
@@ -43,8 +43,8 @@ class KeyCache:
         self.clock = clock
         self._positive: dict[str, tuple[float, ApiKey]] = {}
         self._negative: dict[str, float] = {}
-        self.lookups = 0  # Redis reads made (cache misses)
         self.on_lookup = on_lookup
+        self.batcher = batcher  # when given, lookups share its round-trips and the request path's budget
 
     def clear(self) -> None:
         self._positive = {}
@@ -65,11 +65,13 @@ class KeyCache:
                 return hit[1]
             raise KeyUnavailable("redis is unreachable and this key is not cached")
         try:
-            self.lookups += 1
             if self.on_lookup:
                 self.on_lookup()
-            fields = self.link.client.hgetall(self.keys.apikey(digest))
-        except REDIS_ERRORS as exc:
+            if self.batcher is not None:
+                fields = self.batcher.call("HGETALL", self.keys.apikey(digest), timeout=self.link.budget_s)
+            else:
+                fields = self.link.client.hgetall(self.keys.apikey(digest))
+        except (*REDIS_ERRORS, TimeoutError) as exc:
             self.link.mark_down(exc)
             if hit is not None:
                 return hit[1]

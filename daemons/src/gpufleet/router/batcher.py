@@ -40,7 +40,7 @@ class RedisBatcher:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.batches = 0
+        self.batches = 0   # read by the tests: several commands share a round-trip
         self.commands = 0
 
     def start(self) -> None:
@@ -52,15 +52,18 @@ class RedisBatcher:
         self._stop.set()
         self._wake.set()
 
-    def call(self, *args):
-        """Send one command in the next pipeline and return its reply (or raise)."""
+    def call(self, *args, timeout: float | None = None):
+        """Send one command in the next pipeline and return its reply (or raise);
+        :class:`TimeoutError` when no reply came within ``timeout`` (the request path's
+        latency budget) or ``reply_timeout_s``."""
         if self._thread is None:
             return self._direct(args)
         waiter = _Waiter()
         self._queue.append((args, waiter))
         self._wake.set()
-        if not waiter.event.wait(self.reply_timeout_s):
-            raise TimeoutError("no reply from redis in time")
+        limit = self.reply_timeout_s if timeout is None else timeout
+        if not waiter.event.wait(limit):
+            raise TimeoutError(f"no reply from redis within {limit * 1000:.0f} ms")
         if waiter.error is not None:
             raise waiter.error
         return waiter.result

@@ -64,53 +64,80 @@ def on_failure(rec: BreakerRecord, now: float, threshold: int) -> BreakerRecord:
     return replace(rec, failures=failures)
 
 
-_ID_BYTES = 96
-_SLOT = struct.Struct(f"<{_ID_BYTES}sBxxxIddd")  # id, state, failures, opened_at, probe_until, spare
+_EMPTY, _USED, _FREED = 0, 1, 2
+_NAME_BYTES = 96  # the id as shown in /metrics (the key is the digest of the full id)
+_SLOT = struct.Struct(f"<16sB{_NAME_BYTES}sBIdd")  # digest, tag, name, state, failures, opened_at, probe_until
+_MAX_PROBES = 32
+
+
+def _digest(worker_id: str) -> bytes:
+    return hashlib.blake2b(worker_id.encode(), digest_size=16).digest()
 
 
 class BreakerTable:
-    """Breaker records of up to ``slots`` workers in shared memory (open addressing)."""
+    """Breaker records of up to ``slots`` workers in shared memory: open addressing on a
+    128-bit digest of the full worker id, at most ``_MAX_PROBES`` slots looked at per
+    lookup (O(1) even when the table is full), slots freed (``forget``) when a worker
+    leaves."""
 
     def __init__(self, slots: int = 2048, shared: bool = True):
         self.slots = slots
         self._mem = mmap.mmap(-1, slots * _SLOT.size) if shared else bytearray(slots * _SLOT.size)
         self._lock = multiprocessing.Lock() if shared else _NoLock()
-        self._index: dict[str, int] = {}  # per-process cache of worker id → slot
+        self._index: dict[str, tuple[int, bytes]] = {}  # per-process cache: id → (slot, digest)
+        self._warned = False
+
+    def _holds(self, slot: int, digest: bytes) -> bool:
+        off = slot * _SLOT.size
+        return self._mem[off + 16] == _USED and bytes(self._mem[off:off + 16]) == digest
+
+    def _find(self, digest: bytes) -> tuple[int | None, int | None]:
+        """(the slot holding ``digest``, the first slot free for it) along its probe sequence."""
+        start = int.from_bytes(digest[:4], "little") % self.slots
+        free = None
+        for i in range(min(_MAX_PROBES, self.slots)):
+            slot = (start + i) % self.slots
+            tag = self._mem[slot * _SLOT.size + 16]
+            if tag == _EMPTY:
+                return None, free if free is not None else slot
+            if tag == _FREED:
+                if free is None:
+                    free = slot
+            elif self._holds(slot, digest):
+                return slot, None
+        return None, free
 
     def _slot(self, worker_id: str, create: bool) -> int | None:
         cached = self._index.get(worker_id)
-        if cached is not None:
-            return cached
-        raw = worker_id.encode()[:_ID_BYTES]
-        start = int.from_bytes(hashlib.blake2b(raw, digest_size=4).digest(), "little") % self.slots
-        for i in range(self.slots):
-            slot = (start + i) % self.slots
-            off = slot * _SLOT.size
-            name = bytes(self._mem[off:off + _ID_BYTES]).rstrip(b"\0")
-            if name == raw:
-                self._index[worker_id] = slot
-                return slot
-            if not name:
-                if not create:
-                    return None
-                with self._lock:
-                    name = bytes(self._mem[off:off + _ID_BYTES]).rstrip(b"\0")
-                    if not name:
-                        self._mem[off:off + _ID_BYTES] = raw.ljust(_ID_BYTES, b"\0")
-                        name = raw
-                if name == raw:
-                    self._index[worker_id] = slot
-                    return slot
-        log.warning("breaker table full (%d workers); %s is not tracked", self.slots, worker_id)
-        return None
+        if cached is not None and self._holds(*cached):
+            return cached[0]
+        digest = _digest(worker_id)
+        slot, free = self._find(digest)
+        if slot is None and create:
+            with self._lock:
+                slot, free = self._find(digest)
+                if slot is None and free is not None:
+                    name = worker_id.encode()[:_NAME_BYTES]
+                    _SLOT.pack_into(self._mem, free * _SLOT.size, digest, _USED, name, CLOSED, 0, 0.0, 0.0)
+                    slot = free
+            if slot is None and not self._warned:
+                self._warned = True
+                log.warning("breaker table full around %s (%d slots): a worker without a slot is never broken; "
+                            "raise the table size", worker_id, self.slots)
+        if slot is None:
+            self._index.pop(worker_id, None)
+            return None
+        self._index[worker_id] = (slot, digest)
+        return slot
 
     def _read(self, slot: int) -> BreakerRecord:
-        _, state, failures, opened_at, probe_until, _ = _SLOT.unpack_from(self._mem, slot * _SLOT.size)
+        _, _, _, state, failures, opened_at, probe_until = _SLOT.unpack_from(self._mem, slot * _SLOT.size)
         return BreakerRecord(state, failures, opened_at, probe_until)
 
-    def _write(self, slot: int, worker_id: str, rec: BreakerRecord) -> None:
-        _SLOT.pack_into(self._mem, slot * _SLOT.size, worker_id.encode()[:_ID_BYTES], rec.state,
-                        min(rec.failures, 2**32 - 1), rec.opened_at, rec.probe_until, 0.0)
+    def _write(self, slot: int, rec: BreakerRecord) -> None:
+        digest, tag, name, *_ = _SLOT.unpack_from(self._mem, slot * _SLOT.size)
+        _SLOT.pack_into(self._mem, slot * _SLOT.size, digest, tag, name, rec.state, min(rec.failures, 2**32 - 1),
+                        rec.opened_at, rec.probe_until)
 
     def get(self, worker_id: str) -> BreakerRecord:
         slot = self._slot(worker_id, create=False)
@@ -123,17 +150,28 @@ class BreakerTable:
             result, new = fn(BreakerRecord())
             return BreakerRecord(), new, result
         with self._lock:
+            if not self._holds(*self._index[worker_id]):  # freed by another process meanwhile
+                result, new = fn(BreakerRecord())
+                return BreakerRecord(), new, result
             old = self._read(slot)
             result, new = fn(old)
             if new != old:
-                self._write(slot, worker_id, new)
+                self._write(slot, new)
         return old, new, result
+
+    def forget(self, worker_id: str) -> None:
+        """Free the worker's slot (it left the fleet)."""
+        digest = _digest(worker_id)
+        with self._lock:
+            slot, _ = self._find(digest)
+            if slot is not None:
+                _SLOT.pack_into(self._mem, slot * _SLOT.size, b"", _FREED, b"", CLOSED, 0, 0.0, 0.0)
+        self._index.pop(worker_id, None)
 
     def items(self):
         for slot in range(self.slots):
-            off = slot * _SLOT.size
-            name = bytes(self._mem[off:off + _ID_BYTES]).rstrip(b"\0")
-            if name:
+            if self._mem[slot * _SLOT.size + 16] == _USED:
+                name = _SLOT.unpack_from(self._mem, slot * _SLOT.size)[2].rstrip(b"\0")
                 yield name.decode(errors="replace"), self._read(slot)
 
 
@@ -188,6 +226,9 @@ class Breakers:
                         else new.failures)
             if self.on_change:
                 self.on_change(worker_id, old.state, new.state)
+
+    def forget(self, worker_id: str) -> None:
+        self.table.forget(worker_id)
 
     def snapshot(self) -> dict[str, int]:
         now = self.clock()

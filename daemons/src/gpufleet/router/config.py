@@ -37,7 +37,10 @@ class RouterConfig:
     key_negative_ttl_s: float = 2.0
     refresh_interval_s: float = 2.0
     redis_timeout_s: float = 0.5
+    redis_budget_s: float = 0.25  # a request-path Redis call slower than this: local fallback, degraded
     pool_maxsize: int = 256
+    pool_max_idle_s: float = 2.0  # below uvicorn's (vLLM's) 5 s keep-alive
+    max_response_bytes: int = 64 * 1024 * 1024
     log_level: str = "INFO"
     metrics_dir: str | None = None
     tls_cert_file: str | None = None  # PEM certificate (chain) clients see; with tls_key_file, HTTPS
@@ -78,7 +81,10 @@ class RouterConfig:
             key_negative_ttl_s=env.float("GPUFLEET_ROUTER_KEY_NEGATIVE_TTL_S", 2.0, minimum=0.0, maximum=300),
             refresh_interval_s=env.float("GPUFLEET_ROUTER_REFRESH_INTERVAL_S", 2.0, minimum=0.1, maximum=300),
             redis_timeout_s=env.float("GPUFLEET_ROUTER_REDIS_TIMEOUT_S", 0.5, minimum=0.05, maximum=30),
+            redis_budget_s=env.float("GPUFLEET_ROUTER_REDIS_BUDGET_S", 0.25, minimum=0.005, maximum=30),
             pool_maxsize=env.int("GPUFLEET_ROUTER_POOL_MAXSIZE", 256, minimum=1, maximum=100000),
+            pool_max_idle_s=env.float("GPUFLEET_ROUTER_POOL_MAX_IDLE_S", 2.0, minimum=0.0, maximum=3600),
+            max_response_bytes=env.int("GPUFLEET_ROUTER_MAX_RESPONSE_BYTES", 64 * 1024 * 1024, minimum=1024),
             log_level=(env.str("GPUFLEET_LOG_LEVEL", "INFO") or "INFO").upper(),
             metrics_dir=env.str("PROMETHEUS_MULTIPROC_DIR"),
             **_tls_files(env),

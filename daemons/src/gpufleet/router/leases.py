@@ -109,7 +109,6 @@ class LeaseManager:
         self.ttl_ms = int(ttl_s * 1000)
         self.renew_interval_s = max(0.2, ttl_s / 3)
         self.local = LocalCounts()      # fallback leases while Redis is down
-        self.mine = LocalCounts()       # every lease this process holds (for metrics)
         self._live: dict[str, Lease] = {}
         self._ids = itertools.count(1)
         self._prefix = f"{router_id}:{os.getpid()}:"
@@ -120,30 +119,31 @@ class LeaseManager:
                                     reply_timeout_s=max(1.0, 4 * link.timeout_s))
         self._stop = threading.Event()
 
-    def acquire(self, ordered: Sequence[str], local_choice) -> tuple[Lease, list[int] | None]:
-        """A lease on the least loaded of ``ordered`` (in Redis), or, while Redis is down, on
-        ``local_choice(local_counts)``. Returns the lease and the counts seen (Redis only)."""
+    def acquire(self, ordered: Sequence[str], local_choice) -> Lease:
+        """A lease on the least loaded of ``ordered`` (in Redis), or, while Redis is down or
+        slower than its budget, on ``local_choice(local_counts)``."""
         lease_id = self._prefix + str(next(self._ids))
         if self.link.up:
+            keys = [self.keys.inflight(w) for w in ordered]
             try:
-                result = self.batcher.call("EVALSHA", self._acquire.sha, len(ordered),
-                                           *[self.keys.inflight(w) for w in ordered], lease_id, self.ttl_ms)
+                result = self.batcher.call("EVALSHA", self._acquire.sha, len(ordered), *keys, lease_id, self.ttl_ms,
+                                           timeout=self.link.budget_s)
                 lease = Lease(ordered[int(result[0]) - 1], lease_id, True)
                 self._live[lease_id] = lease
-                self.mine.add(lease.worker_id, 1)
-                return lease, [int(n) for n in result[1:]]
+                return lease
             except (*REDIS_ERRORS, TimeoutError) as exc:
+                # the script may still run after we stopped waiting: take back what it would add
+                for key in keys:
+                    self.batcher.send("ZREM", key, lease_id)
                 self.link.mark_down(exc)
         worker_id = local_choice(self.local.counts)
         self.local.add(worker_id, 1)
-        self.mine.add(worker_id, 1)
-        return Lease(worker_id, lease_id, False), None
+        return Lease(worker_id, lease_id, False)
 
     def release(self, lease: Lease) -> None:
         if lease.released:
             return
         lease.released = True
-        self.mine.add(lease.worker_id, -1)
         if not lease.shared:
             self.local.add(lease.worker_id, -1)
             return

@@ -120,17 +120,14 @@ class _ScrapeTime:
 
 def breaker_families(breakers, registry_view):
     """``gpufleet_router_breaker_state{worker}`` (0 closed, 1 open, 2 half-open) and
-    ``gpufleet_router_breaker_open{worker}`` for every worker in view or with a breaker."""
-    snapshot = breakers.snapshot()
-    for ws in registry_view.by_model.values():
-        for w in ws:
-            snapshot.setdefault(w.id, 0)
+    ``gpufleet_router_breaker_open{worker}`` for every worker in view."""
+    states = {w.id: breakers.state(w.id) for ws in registry_view.by_model.values() for w in ws}
     state = GaugeMetricFamily("gpufleet_router_breaker_state",
                               "Circuit breaker per worker: " + ", ".join(f"{k} {v}" for k, v in STATE_NAMES.items()),
                               labels=["worker"])
     opened = GaugeMetricFamily("gpufleet_router_breaker_open", "1 while the worker's breaker is not closed",
                                labels=["worker"])
-    for wid, st in sorted(snapshot.items()):
+    for wid, st in sorted(states.items()):
         state.add_metric([wid], st)
         opened.add_metric([wid], 1 if st else 0)
     yield state
@@ -146,3 +143,9 @@ def worker_families(registry_view, link):
     up = GaugeMetricFamily("gpufleet_router_redis_reachable", "1 when the scraped process reaches Redis")
     up.add_metric([], 1 if link.up else 0)
     yield up
+    degraded = GaugeMetricFamily("gpufleet_router_degraded",
+                                 "1 while the scraped process serves without Redis (unreachable, or slower than "
+                                 "the request path's budget), by reason", labels=["reason"])
+    if link.ever_up and not link.up:
+        degraded.add_metric([link.reason], 1)
+    yield degraded

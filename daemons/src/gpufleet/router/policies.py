@@ -70,7 +70,6 @@ class Policy:
         self.name = name
         self.rng = rng or _random.Random()
         self._turn = 0
-        self.uses_loads = name == "least_outstanding"
 
     def order(self, candidates: Sequence[str], loads: Mapping[str, Load]) -> list[str]:
         if self.name == "least_outstanding":

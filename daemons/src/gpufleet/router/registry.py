@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import dataclass
 
 from gpufleet.common.rediskeys import (
@@ -60,8 +59,8 @@ class Registry:
         self.refresh_interval_s = refresh_interval_s
         self.by_model: dict[str, tuple[Worker, ...]] = {}
         self.known_models: set[str] = set()  # every model seen: unknown → 404, known but empty → 503
-        self.last_refresh = 0.0
         self.on_keys_changed = None
+        self.on_view_changed = None  # called with the new view: what left it can be forgotten
         self._stop = threading.Event()
         self._refresh_now = threading.Event()
 
@@ -95,16 +94,19 @@ class Registry:
         except REDIS_ERRORS as exc:
             self.link.mark_down(exc)
             return False
-        self.link.mark_up()
         view: dict[str, list[Worker]] = {m: [] for m in models}
         for (model, wid), fields in zip(pairs, hashes, strict=True):
             worker = worker_from_hash(wid, model, fields)
             if worker is not None and fields.get("model_id", model) == model:
                 view[model].append(worker)
-        self.by_model = {m: tuple(ws) for m, ws in view.items()}
+        self._swap({m: tuple(ws) for m, ws in view.items()})
         self.known_models.update(models)
-        self.last_refresh = time.monotonic()
         return True
+
+    def _swap(self, view: dict[str, tuple[Worker, ...]]) -> None:
+        self.by_model = view
+        if self.on_view_changed:
+            self.on_view_changed(view)
 
     def apply_event(self, event: dict) -> None:
         kind, wid, model = event.get("type"), event.get("worker_id"), event.get("model_id")
@@ -123,7 +125,7 @@ class Registry:
             kept = tuple(w for w in ws if w.id != worker_id)
             if len(kept) != len(ws):
                 view[m] = kept
-        self.by_model = view
+        self._swap(view)
         log.info("worker %s left the view (event)", worker_id)
 
     # -- background loops (greenlets under gunicorn's gevent worker) -----------------------

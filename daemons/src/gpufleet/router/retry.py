@@ -18,16 +18,24 @@ class Outcome(Enum):
     CLIENT_ERROR = "client_error"  # 4xx: the request's fault; passed through, never retried
     SERVER_ERROR = "server_error"  # 5xx
     CONNECT_ERROR = "connect_error"
-    TIMEOUT = "timeout"          # connect or first-byte timeout
+    TIMEOUT = "timeout"          # connect, first-byte or read timeout
     RESET = "reset"              # connection dropped before a complete answer
+    MALFORMED = "malformed"      # not valid HTTP/1.1 (RFC 9112): bad status line, framing, headers
+    TOO_LARGE = "too_large"      # a non-streamed answer over the size bound
+    CANCELLED = "cancelled"      # the client went away: nobody's fault, nothing to retry
 
     @property
     def retryable(self) -> bool:
-        return self not in (Outcome.OK, Outcome.CLIENT_ERROR)
+        return self in _RETRYABLE
 
     @property
     def counts_against_worker(self) -> bool:
-        return self.retryable
+        return self in _RETRYABLE or self is Outcome.TOO_LARGE
+
+
+# a larger answer would be as large on another worker; a gone client wants nothing more
+_RETRYABLE = frozenset((Outcome.SERVER_ERROR, Outcome.CONNECT_ERROR, Outcome.TIMEOUT, Outcome.RESET,
+                        Outcome.MALFORMED))
 
 
 def classify_status(status: int) -> Outcome:

@@ -1,41 +1,76 @@
 """Sending one request to one worker, and telling what happened as an
 :class:`~gpufleet.router.retry.Outcome`. Nothing here decides to retry.
 
-A small HTTP/1.1 client over pooled keep-alive sockets, written for this one job (POST a
-JSON body to a vLLM server, read a JSON answer or an SSE stream). urllib3 + http.client
-did the same with about a quarter of the request path's CPU (header parsing through the
-``email`` package, a liveness poll per pooled connection, two writes per request); this
-costs a few buffered ``readline`` calls. Only plain ``http://`` worker URLs are served
-(the workers are reached over the tailnet, which encrypts).
+A small, strict HTTP/1.1 client over pooled keep-alive sockets, written for this one job
+(POST a JSON body to a vLLM server, read a JSON answer or an SSE stream) and measured
+against the maintained alternatives (``docs/router.md``, "The upstream client"). The
+worker is untrusted, so the answer is parsed as RFC 9112 asks of a proxy:
+
+- the status line is ``HTTP/1.x`` and three digits; header names are tokens, values hold
+  no control characters, at most ``MAX_HEADERS`` lines and ``MAX_HEAD_BYTES`` bytes;
+- one ``Content-Length`` of digits, or ``Transfer-Encoding: chunked`` (never both), chunk
+  sizes of hex digits only;
+- anything else is :class:`Malformed` (a worker fault, answered 502) and the connection
+  is closed, never handed to the next request (a lenient parse would desynchronise it);
+- hop-by-hop headers and those named in ``Connection`` are not passed on.
+
+Pools: a connection idle longer than ``max_idle_s`` (below uvicorn's 5 s keep-alive) is
+closed instead of reused, and one that the worker closed while idle is noticed by a
+zero-timeout ``poll`` before reuse. A request that still finds its pooled connection dead
+(closed under it before any byte of an answer) is sent once more on a fresh connection and
+is not the worker's fault. :meth:`Upstreams.retire` closes the pools of workers that left.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from gevent import monkey
+
 from .retry import Outcome, classify_status
 
+_poll = monkey.get_original("select", "poll")
+_POLLIN = 0x001
+_DEAD_IF = 0x001 | 0x008 | 0x010 | 0x2000  # readable (an idle connection has nothing to say), ERR, HUP, RDHUP
+
 _HOP_BY_HOP = frozenset(("connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-                         "trailers", "transfer-encoding", "upgrade", "content-length", "server", "date"))
-_MAX_LINE = 65536
-_MAX_HEADERS = 200
+                         "trailer", "trailers", "transfer-encoding", "upgrade", "content-length", "server", "date",
+                         "x-request-id"))
+MAX_HEADERS = 100
+MAX_HEAD_BYTES = 65536
+_MAX_LINE = 8192
+_READ = 65536
+_STATUS = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: [\t\x20-\x7e\x80-\xff]*)?\r\n")
+_FIELD = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):([\t\x20-\x7e\x80-\xff]*)\r\n")
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})(?:;[\t\x20-\x7e\x80-\xff]*)?\r\n")
+_LENGTH = re.compile(rb"[0-9]{1,15}")
 
 
 class UpstreamBroken(Exception):
-    """The worker closed or broke the connection, or answered something that is not HTTP."""
+    """The worker closed or broke the connection."""
+
+
+class Malformed(UpstreamBroken):
+    """The worker's bytes are not a valid HTTP/1.1 answer."""
+
+
+class TooLarge(Exception):
+    """A body over the caller's bound."""
 
 
 class _Conn:
-    __slots__ = ("sock", "rfile", "reused")
+    __slots__ = ("sock", "rfile", "idle_since")
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
-        self.rfile = sock.makefile("rb", buffering=65536)
-        self.reused = False
+        self.rfile = sock.makefile("rb", buffering=_READ)
+        self.idle_since = 0.0
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -43,27 +78,47 @@ class _Conn:
         with contextlib.suppress(OSError):
             self.sock.close()
 
+    def looks_alive(self) -> bool:
+        """An idle kept-alive connection has nothing to read: readable means the worker
+        closed it (or sent bytes nobody asked for). One non-blocking ``poll``."""
+        poller = _poll()
+        poller.register(self.sock.fileno(), _DEAD_IF)
+        return not poller.poll(0)
+
 
 class _Pool:
-    def __init__(self, host: str, port: int, prefix: str, maxsize: int):
-        self.host, self.port, self.prefix, self.maxsize = host, port, prefix, maxsize
-        self.host_header = f"{host}:{port}".encode()
+    def __init__(self, host: str, port: int, prefix: str, maxsize: int, max_idle_s: float):
+        self.host, self.port, self.prefix, self.maxsize, self.max_idle_s = host, port, prefix, maxsize, max_idle_s
+        self.host_header = (f"[{host}]:{port}" if ":" in host else f"{host}:{port}").encode()
         self.idle: list[_Conn] = []
+        self.closed = False
 
-    def get(self, connect_timeout: float) -> _Conn:
-        while self.idle:
-            conn = self.idle.pop()
-            conn.reused = True
-            return conn
+    def get(self, connect_timeout: float) -> tuple[_Conn, bool]:
+        """A connection, and whether it was reused."""
+        if self.idle:
+            now = time.monotonic()
+            conn = self.idle.pop()  # the most recently used: the others are older still
+            if now - conn.idle_since <= self.max_idle_s and conn.looks_alive():
+                return conn, True
+            conn.close()
+            self.clear()  # older than a dead or too old one: not worth a try
+        return self.connect(connect_timeout), False
+
+    def connect(self, connect_timeout: float) -> _Conn:
         sock = socket.create_connection((self.host, self.port), timeout=connect_timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return _Conn(sock)
 
     def put(self, conn: _Conn) -> None:
-        if len(self.idle) < self.maxsize:
-            self.idle.append(conn)
-        else:
+        if self.closed or len(self.idle) >= self.maxsize:
             conn.close()
+            return
+        conn.idle_since = time.monotonic()
+        self.idle.append(conn)
+
+    def clear(self) -> None:
+        while self.idle:
+            self.idle.pop().close()
 
 
 class UpstreamResponse:
@@ -74,79 +129,106 @@ class UpstreamResponse:
         self._pool, self._conn = pool, conn
         self.status = status
         self.headers = headers
-        self._length = length
+        self.length = length
         self.chunked = chunked
         self._keep_alive = keep_alive
-        self._done = False
+        self.complete = length == 0 and not chunked
+
+    @property
+    def sock(self):
+        return self._conn.sock if self._conn is not None else None
 
     def set_timeout(self, seconds: float) -> None:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, AttributeError):
             self._conn.sock.settimeout(seconds)
 
-    def read(self) -> bytes:
-        """The whole body."""
-        if self.chunked:
-            return b"".join(self.iter_chunks())
-        rfile = self._conn.rfile
-        if self._length is not None:
-            data = rfile.read(self._length)
-            if len(data) != self._length:
-                raise UpstreamBroken(f"body cut short ({len(data)} of {self._length} bytes)")
-        else:
-            data = rfile.read()  # delimited by the end of the connection
-            self._keep_alive = False
-        self._done = True
-        return data
+    def read(self, limit: int) -> bytes:
+        """The whole body; :class:`TooLarge` past ``limit`` bytes (memory stays bounded)."""
+        if self.length is not None and self.length > limit:
+            raise TooLarge(f"the answer's Content-Length {self.length} is over the limit of {limit} bytes")
+        if self.length is not None and not self.chunked:
+            data = self._conn.rfile.read(self.length)
+            if len(data) != self.length:
+                raise UpstreamBroken(f"body cut short ({len(data)} of {self.length} bytes)")
+            self.complete = True
+            return data
+        parts, size = [], 0
+        for data in self.iter_body():
+            size += len(data)
+            if size > limit:
+                raise TooLarge(f"the answer is over the limit of {limit} bytes")
+            parts.append(data)
+        return b"".join(parts)
 
-    def iter_chunks(self) -> Iterator[bytes]:
-        """The body as it arrives: one item per HTTP chunk (an SSE event), never buffered."""
+    def iter_body(self) -> Iterator[bytes]:
+        """The body as it arrives: one item per HTTP chunk (an SSE event) or read, never
+        buffered beyond one read."""
         rfile = self._conn.rfile
         if not self.chunked:
-            remaining = self._length
+            remaining = self.length
             while remaining is None or remaining > 0:
-                data = rfile.read1(65536 if remaining is None else min(65536, remaining))
+                data = rfile.read1(_READ if remaining is None else min(_READ, remaining))
                 if not data:
                     if remaining:
                         raise UpstreamBroken("body cut short")
-                    self._keep_alive = False
+                    self._keep_alive = False  # delimited by the end of the connection
                     break
                 if remaining is not None:
                     remaining -= len(data)
                 yield data
-            self._done = True
+            self.complete = True
             return
         while True:
             line = rfile.readline(_MAX_LINE)
-            if not line.endswith(b"\n"):
+            if not line:
                 raise UpstreamBroken("stream cut short")
-            try:
-                size = int(line.split(b";", 1)[0], 16)
-            except ValueError:
-                raise UpstreamBroken(f"bad chunk size {line[:40]!r}") from None
+            match = _CHUNK_SIZE.fullmatch(line)
+            if match is None:
+                raise Malformed(f"invalid chunk size line {line[:40]!r}")
+            size = int(match.group(1), 16)
             if size == 0:
-                while True:  # trailers, then the blank line
-                    trailer = rfile.readline(_MAX_LINE)
-                    if trailer in (b"\r\n", b"\n"):
-                        break
-                    if not trailer:
-                        raise UpstreamBroken("stream cut short")
-                self._done = True
+                _read_fields(rfile, "trailer")
+                self.complete = True
                 return
-            data = rfile.read(size)
-            if len(data) != size or rfile.read(2) != b"\r\n":
-                raise UpstreamBroken("chunk cut short")
-            yield data
+            while size:
+                data = rfile.read(min(size, _READ))
+                if not data:
+                    raise UpstreamBroken("chunk cut short")
+                size -= len(data)
+                yield data
+            if rfile.read(2) != b"\r\n":
+                raise Malformed("chunk data not followed by CRLF")
 
-    def finish(self, *, reuse: bool) -> None:
-        """Hand the connection back for the next request, or close it (which also cancels
-        the request on the worker)."""
+    def finish(self) -> None:
+        """Hand the connection back for the next request if the answer was read to its end
+        and may be followed by another; else close it (which also cancels the request on
+        the worker). Idempotent."""
         conn, self._conn = self._conn, None
         if conn is None:
             return
-        if reuse and self._done and self._keep_alive:
+        if self.complete and self._keep_alive:
             self._pool.put(conn)
         else:
             conn.close()
+
+
+def _read_fields(rfile, what: str) -> list[tuple[bytes, bytes]]:
+    """Header (or trailer) lines up to the blank line, strictly."""
+    fields = []
+    total = 0
+    while True:
+        line = rfile.readline(_MAX_LINE)
+        if line == b"\r\n":
+            return fields
+        if not line:
+            raise UpstreamBroken(f"{what} cut short")
+        total += len(line)
+        if len(fields) >= MAX_HEADERS or total > MAX_HEAD_BYTES:
+            raise Malformed(f"more than {MAX_HEADERS} {what} lines or {MAX_HEAD_BYTES} bytes")
+        match = _FIELD.fullmatch(line)
+        if match is None:
+            raise Malformed(f"invalid {what} line {line[:60]!r}")
+        fields.append((match.group(1), match.group(2).strip(b" \t")))
 
 
 @dataclass
@@ -158,11 +240,12 @@ class Attempt:
 
 class Upstreams:
     def __init__(self, api_key: str | None, connect_timeout_s: float, first_byte_timeout_s: float,
-                 read_timeout_s: float, pool_maxsize: int = 256):
+                 read_timeout_s: float, pool_maxsize: int = 256, max_idle_s: float = 2.0):
         self.connect_timeout_s = connect_timeout_s
         self.first_byte_timeout_s = first_byte_timeout_s
         self.read_timeout_s = read_timeout_s
         self.pool_maxsize = pool_maxsize
+        self.max_idle_s = max_idle_s
         head = b"Content-Type: application/json\r\nAccept: application/json, text/event-stream\r\n"
         if api_key:
             head += b"Authorization: Bearer " + api_key.encode("latin-1") + b"\r\n"
@@ -175,26 +258,34 @@ class Upstreams:
             parts = urlsplit(base_url)
             if parts.scheme != "http" or not parts.hostname:
                 raise ValueError(f"worker URL {base_url!r} is not http://host:port")
-            pool = self._pools[base_url] = _Pool(parts.hostname, parts.port or 80, parts.path.rstrip("/"),
-                                                 self.pool_maxsize)
+            pool = _Pool(parts.hostname, parts.port or 80, parts.path.rstrip("/"), self.pool_maxsize,
+                         self.max_idle_s)
+            self._pools[base_url] = pool
         return pool
 
-    def send(self, base_url: str, path: str, body: bytes) -> Attempt:
-        """POST and read the response head (connect and first-byte timeouts apply)."""
+    def send(self, base_url: str, path: str, body: bytes, request_id: str, on_socket=None) -> Attempt:
+        """POST and read the response head (connect and first-byte timeouts apply).
+        ``on_socket(sock)`` is told the socket in use (so that a cancel can shut it)."""
         try:
             pool = self._pool(base_url)
-        except ValueError as exc:
+            request = b"".join((b"POST ", (pool.prefix + path).encode(), b" HTTP/1.1\r\nHost: ", pool.host_header,
+                                b"\r\n", self._fixed_headers, b"X-Request-Id: ", request_id.encode(),
+                                b"\r\nContent-Length: ", str(len(body)).encode(), b"\r\n\r\n", body))
+        except (ValueError, UnicodeError) as exc:
             return Attempt(Outcome.CONNECT_ERROR, None, str(exc))
-        request = b"".join((b"POST ", (pool.prefix + path).encode(), b" HTTP/1.1\r\nHost: ", pool.host_header,
-                            b"\r\n", self._fixed_headers, b"Content-Length: ", str(len(body)).encode(),
-                            b"\r\n\r\n", body))
-        for _ in range(2):
+        fresh = False
+        while True:
             try:
-                conn = pool.get(self.connect_timeout_s)
+                if fresh:
+                    conn, reused = pool.connect(self.connect_timeout_s), False
+                else:
+                    conn, reused = pool.get(self.connect_timeout_s)
             except TimeoutError as exc:
                 return Attempt(Outcome.TIMEOUT, None, f"connect timed out: {exc}")
-            except OSError as exc:
+            except (OSError, UnicodeError, ValueError) as exc:  # refused, unreachable, a host name idna rejects
                 return Attempt(Outcome.CONNECT_ERROR, None, f"connect failed: {exc}")
+            if on_socket is not None:
+                on_socket(conn.sock)
             try:
                 conn.sock.settimeout(self.first_byte_timeout_s)
                 conn.sock.sendall(request)
@@ -203,58 +294,77 @@ class Upstreams:
             except TimeoutError as exc:
                 conn.close()
                 return Attempt(Outcome.TIMEOUT, None, f"no answer in time: {exc}")
+            except Malformed as exc:
+                conn.close()
+                return Attempt(Outcome.MALFORMED, None, str(exc))
             except (UpstreamBroken, OSError) as exc:
                 conn.close()
-                if conn.reused and not getattr(exc, "answered", False):
-                    continue  # the worker closed an idle kept-alive connection: once more on a new one
+                if reused and isinstance(exc, _NothingYet | ConnectionError):
+                    # the worker closed an idle kept-alive connection under us (before any
+                    # byte of an answer): not its fault; once more, on a fresh connection
+                    pool.clear()
+                    fresh = True
+                    continue
                 return Attempt(Outcome.RESET, None, str(exc) or type(exc).__name__)
-        return Attempt(Outcome.RESET, None, "connection closed")
 
     def _read_head(self, pool: _Pool, conn: _Conn) -> UpstreamResponse:
         rfile = conn.rfile
-        line = rfile.readline(_MAX_LINE)
-        if not line:
-            raise UpstreamBroken("connection closed before an answer")
-        parts = line.split(None, 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
-            err = UpstreamBroken(f"not an HTTP answer: {line[:60]!r}")
-            err.answered = True
-            raise err
-        status = int(parts[1])
-        keep_alive = parts[0] == b"HTTP/1.1"
-        headers: list[tuple[str, str]] = []
+        for _ in range(4):  # interim 1xx answers are skipped
+            line = rfile.readline(_MAX_LINE)
+            if not line:
+                raise _NothingYet("connection closed before an answer")
+            match = _STATUS.fullmatch(line)
+            if match is None:
+                raise Malformed(f"invalid status line {line[:60]!r}")
+            status = int(match.group(2))
+            fields = _read_fields(rfile, "header")
+            if status >= 200:
+                break
+            if status == 101:
+                raise Malformed("101 Switching Protocols to a POST")
+        else:
+            raise Malformed("too many interim answers")
+        keep_alive = match.group(1) == b"1"
         length = None
         chunked = False
-        for _ in range(_MAX_HEADERS):
-            line = rfile.readline(_MAX_LINE)
-            if line in (b"\r\n", b"\n"):
-                break
-            if not line.endswith(b"\n"):
-                err = UpstreamBroken("answer head cut short")
-                err.answered = True
-                raise err
-            name, _, value = line.decode("latin-1").partition(":")
-            name, value = name.strip(), value.strip()
+        hidden = set()
+        headers = []
+        for raw_name, raw_value in fields:
+            name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
             lower = name.lower()
             if lower == "content-length":
-                length = int(value) if value.isdigit() else None
+                if length is not None or not _LENGTH.fullmatch(raw_value):
+                    raise Malformed(f"invalid or repeated Content-Length {raw_value[:40]!r}")
+                length = int(raw_value)
             elif lower == "transfer-encoding":
-                chunked = "chunked" in value.lower()
+                if chunked or value.lower() != "chunked":
+                    raise Malformed(f"unsupported Transfer-Encoding {raw_value[:40]!r}")
+                chunked = True
             elif lower == "connection":
-                keep_alive = "close" not in value.lower() and (keep_alive or "keep-alive" in value.lower())
+                tokens = {t.strip().lower() for t in value.split(",")}
+                if "close" in tokens:
+                    keep_alive = False
+                hidden |= tokens
             headers.append((name, value))
-        return UpstreamResponse(pool, conn, status, headers, None if chunked else length, chunked, keep_alive)
+        if chunked and length is not None:
+            raise Malformed("both Content-Length and Transfer-Encoding")
+        if status in (204, 304):
+            length, chunked = 0, False
+        elif length is None and not chunked:
+            keep_alive = False  # the body ends with the connection
+        headers = [(k, v) for k, v in headers if k.lower() not in _HOP_BY_HOP and k.lower() not in hidden]
+        return UpstreamResponse(pool, conn, status, headers, length, chunked, keep_alive)
+
+    def retire(self, keep_urls) -> None:
+        """Close the pools of every worker URL not in ``keep_urls`` (workers that left)."""
+        for url in [u for u in self._pools if u not in keep_urls]:
+            pool = self._pools.pop(url)
+            pool.closed = True  # connections in use are closed when their answer ends
+            pool.clear()
 
     def close(self) -> None:
-        for pool in self._pools.values():
-            while pool.idle:
-                pool.idle.pop().close()
+        self.retire(())
 
 
-def pass_headers(resp: UpstreamResponse) -> list[tuple[str, str]]:
-    return [(k, v) for k, v in resp.headers if k.lower() not in _HOP_BY_HOP]
-
-
-def discard(resp: UpstreamResponse | None, *, reuse: bool) -> None:
-    if resp is not None:
-        resp.finish(reuse=reuse)
+class _NothingYet(UpstreamBroken):
+    """The connection ended before the first byte of an answer."""
