@@ -87,7 +87,9 @@ class Fleet:
         self.worker_urls = []
         for index in range(1, self.workers + 1):
             instance = f"demo-worker-{index}"
-            self.cli("instances", "add", instance, "--model", MODEL, "--hostname", "localhost")
+            join_secret_file = self.run_dir / f"{instance}.join-secret"
+            self.cli("instances", "add", instance, "--model", MODEL, "--hostname", "localhost",
+                     "--join-secret-file", str(join_secret_file))
             vllm_port, agent_port = free_port(), free_port()
             self.start(f"vllm-sim-{index}", [
                 console_script("gpufleet-vllm-sim"), MODEL, "--host", "127.0.0.1", "--port", str(vllm_port),
@@ -100,6 +102,7 @@ class Fleet:
                 "ADVERTISE_URL": f"http://127.0.0.1:{vllm_port}",
                 "AGENT_URL": f"http://127.0.0.1:{agent_port}",
                 "WORKER_AUTH_TOKEN_FILE": str(self.run_dir / f"{instance}.token"),
+                "WORKER_JOIN_SECRET_FILE": str(join_secret_file),
                 "HEARTBEAT_INTERVAL_S": "2"})
             self.worker_urls.append((instance, f"http://127.0.0.1:{vllm_port}", f"http://127.0.0.1:{agent_port}"))
 

@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gpufleet.agent.testing import agent_env, start_agent, start_sim
 from gpufleet.common.rediskeys import RedisKeys
-from gpufleet.controlplane.testing import ADMIN_TOKEN, cp_env, start_control_plane
+from gpufleet.controlplane.testing import cp_env, enrol_instance, start_control_plane, start_reconciler
 from support.procs import wait_until
 
 MODEL = "tiny-llm"
@@ -32,14 +32,16 @@ def complete(sim_url, max_tokens, timeout=60):
 
 
 @pytest.fixture
-def worker(daemons, database_url, redis_url):
-    _, cp = start_control_plane(daemons, cp_env(database_url, redis_url))
-    requests.post(f"{cp}/v1/admin/instances", json={"instance_id": "gpu-a"},
-                  headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=10).raise_for_status()
+def worker(daemons, database_url, redis_url, tmp_path):
+    env = cp_env(database_url, redis_url)
+    _, cp = start_control_plane(daemons, env)
+    start_reconciler(daemons, env)  # probes the worker into Redis (the API never calls a worker)
+    secret_file = enrol_instance(cp, "gpu-a", MODEL, tmp_path)
     _, sim_url = start_sim(daemons, MODEL, "--max-num-seqs", "2", "--ttft-ms", str(TTFT_MS), "--itl-ms", "50",
                            "--jitter", "0", "--slowdown-per-seq", "0", "--prefill-ms-per-token", "0")
     agent, agent_url = start_agent(daemons, agent_env(instance_id="gpu-a", control_plane_url=cp, model_id=MODEL,
-                                                      vllm_base_url=sim_url, port=daemons.port()))
+                                                      vllm_base_url=sim_url, port=daemons.port(),
+                                                      WORKER_JOIN_SECRET_FILE=secret_file))
     wait_until(lambda: requests.get(agent_url + "/readyz", timeout=5).status_code == 200, timeout=30,
                what="the agent to be ready")
     return sim_url, agent_url, agent

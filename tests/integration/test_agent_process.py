@@ -8,7 +8,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from gpufleet.agent.testing import TcpRelay, agent_env, start_agent, start_sim
-from gpufleet.controlplane.testing import ADMIN_TOKEN, cp_env, start_control_plane
+from gpufleet.controlplane.testing import cp_env, enrol_instance, start_control_plane
 from support.procs import console_script, wait_until
 
 AGENT_VARS = ("INSTANCE_ID", "CONTROL_PLANE_URL", "MODEL_ID", "HEARTBEAT_INTERVAL_S", "AGENT_PORT", "GPUFLEET_BIND")
@@ -43,10 +43,10 @@ def calls(agent_url, result):
                if s.name == "gpufleet_agent_controlplane_calls_total" and s.labels["result"] == result)
 
 
-def test_an_unreachable_control_plane_is_retried_with_backoff_never_fatal(daemons, database_url, redis_url):
+def test_an_unreachable_control_plane_is_retried_with_backoff_never_fatal(daemons, database_url, redis_url,
+                                                                          tmp_path):
     _, cp = start_control_plane(daemons, cp_env(database_url, redis_url))
-    requests.post(f"{cp}/v1/admin/instances", json={"instance_id": "gpu-a"},
-                  headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=10).raise_for_status()
+    secret_file = enrol_instance(cp, "gpu-a", "tiny-llm", tmp_path)
     host, _, port = cp.removeprefix("http://").rpartition(":")
     relay = TcpRelay(host, int(port))
     relay.cut()  # the control plane is unreachable from the worker
@@ -54,7 +54,7 @@ def test_an_unreachable_control_plane_is_retried_with_backoff_never_fatal(daemon
         _, sim_url = start_sim(daemons, "tiny-llm")
         agent, agent_url = start_agent(daemons, agent_env(
             instance_id="gpu-a", control_plane_url=relay.url, model_id="tiny-llm", vllm_base_url=sim_url,
-            port=daemons.port(), CONTROL_PLANE_RETRY_MAX_S="2"))
+            port=daemons.port(), CONTROL_PLANE_RETRY_MAX_S="2", WORKER_JOIN_SECRET_FILE=secret_file))
         time.sleep(6)
         assert agent.alive()
         errors = calls(agent_url, "error")

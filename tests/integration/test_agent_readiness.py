@@ -10,20 +10,24 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from gpufleet.agent.testing import agent_env, start_agent, start_sim
-from gpufleet.controlplane.testing import ADMIN_TOKEN, cp_env, start_control_plane
+from gpufleet.controlplane.testing import cp_env, enrol_instance, start_control_plane
 from support.procs import wait_until
 
 MODEL = "tiny-llm"
 
 
 @pytest.fixture
-def cp(daemons, database_url, redis_url):
+def cp(daemons, database_url, redis_url, tmp_path):
+    """The control plane, with gpu-a and gpu-b added; their join secrets in tmp_path (see join_file)."""
     _, url = start_control_plane(daemons, cp_env(database_url, redis_url))
     for instance_id in ("gpu-a", "gpu-b"):
-        resp = requests.post(f"{url}/v1/admin/instances", json={"instance_id": instance_id},
-                             headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=10)
-        assert resp.status_code in (200, 201)
+        enrol_instance(url, instance_id, MODEL, tmp_path)
     return url
+
+
+def env_for(instance_id, cp_url, vllm_base_url, port, tmp_path):
+    return agent_env(instance_id=instance_id, control_plane_url=cp_url, model_id=MODEL, vllm_base_url=vllm_base_url,
+                     port=port, WORKER_JOIN_SECRET_FILE=tmp_path / f"{instance_id}.join-secret")
 
 
 def readyz(agent_url):
@@ -49,13 +53,12 @@ def wait_readyz(agent_url, status, timeout=20.0, what=""):
     return wait_until(probe, timeout=timeout, interval=0.05, what=what or f"/readyz {status}")
 
 
-def test_not_ready_while_loading_then_ready_only_after_the_warm_up(daemons, cp):
+def test_not_ready_while_loading_then_ready_only_after_the_warm_up(daemons, cp, tmp_path):
     port = daemons.port()
     startup_delay = 5.0
     sim, sim_url = start_sim(daemons, MODEL, "--startup-delay", str(startup_delay), "--enable-fault-api",
                              port=port, wait=False)
-    _, agent_url = start_agent(daemons, agent_env(instance_id="gpu-a", control_plane_url=cp, model_id=MODEL,
-                                                  vllm_base_url=sim_url, port=daemons.port()))
+    _, agent_url = start_agent(daemons, env_for("gpu-a", cp, sim_url, daemons.port(), tmp_path))
     # the model is "loading": /health answers 503; the port is open but that is never "ready"
     wait_until(lambda: requests.get(sim_url + "/health", timeout=2).status_code == 503, timeout=15,
                what="the simulator to answer 503 while loading")
@@ -77,19 +80,17 @@ def test_not_ready_while_loading_then_ready_only_after_the_warm_up(daemons, cp):
     assert info["versions"]["vllm"]
 
 
-def test_model_not_listed_and_failing_warm_up_keep_it_unready(daemons, cp):
+def test_model_not_listed_and_failing_warm_up_keep_it_unready(daemons, cp, tmp_path):
     # vLLM serves another name: healthy, but MODEL_ID is not listed
     _, other_url = start_sim(daemons, "some/other-model", name="sim-other")
-    _, agent_url = start_agent(daemons, agent_env(instance_id="gpu-a", control_plane_url=cp, model_id=MODEL,
-                                                  vllm_base_url=other_url, port=daemons.port()), name="agent-other")
+    _, agent_url = start_agent(daemons, env_for("gpu-a", cp, other_url, daemons.port(), tmp_path), name="agent-other")
     wait_until(lambda: readyz(agent_url)[1]["failing"] == ["model_listed", "warmup"], timeout=15,
                what="only the model and warm-up checks to fail")
     assert "not among the served models" in readyz(agent_url)[1]["checks"]["model_listed"]["detail"]
 
     # every completion fails: health and models are fine, but without a successful warm-up it is not ready
     _, sim_url = start_sim(daemons, MODEL, "--enable-fault-api", "--fault-mode", "error", "--fault-rate", "1")
-    _, agent_url = start_agent(daemons, agent_env(instance_id="gpu-b", control_plane_url=cp, model_id=MODEL,
-                                                  vllm_base_url=sim_url, port=daemons.port()))
+    _, agent_url = start_agent(daemons, env_for("gpu-b", cp, sim_url, daemons.port(), tmp_path))
     wait_until(lambda: (b := readyz(agent_url)[1])["failing"] == ["warmup"]
                and "failed" in b["checks"]["warmup"]["detail"], timeout=15, what="only the warm-up to fail")
     time.sleep(1.5)
@@ -98,11 +99,10 @@ def test_model_not_listed_and_failing_warm_up_keep_it_unready(daemons, cp):
     wait_readyz(agent_url, 200, timeout=20, what="ready once a warm-up succeeds")
 
 
-def test_unready_within_about_a_second_when_vllm_dies_or_hangs_and_back_after(daemons, cp):
+def test_unready_within_about_a_second_when_vllm_dies_or_hangs_and_back_after(daemons, cp, tmp_path):
     port = daemons.port()
     sim, sim_url = start_sim(daemons, MODEL, "--enable-fault-api", port=port)
-    _, agent_url = start_agent(daemons, agent_env(instance_id="gpu-a", control_plane_url=cp, model_id=MODEL,
-                                                  vllm_base_url=sim_url, port=daemons.port()))
+    _, agent_url = start_agent(daemons, env_for("gpu-a", cp, sim_url, daemons.port(), tmp_path))
     wait_readyz(agent_url, 200, timeout=30)
 
     # a hang (every endpoint stops answering): cut by the poll timeout (0.5 s here)

@@ -8,6 +8,7 @@ import subprocess
 import psycopg2
 import pytest
 
+from gpufleet.controlplane.migrate import available_migrations
 from gpufleet.controlplane.testing import ADMIN_TOKEN, cp_env, start_control_plane
 from support.procs import console_script, free_port
 
@@ -52,22 +53,35 @@ def test_keys_create_list_revoke_through_the_cli(cli_env, redis_server):
     client.close()
 
 
-def test_instances_tokens_workers_status(cli_env):
-    assert "added" in run(["instances", "add", "gpu-1", "--hostname", "h1", "--model", "m1",
-                           "--provider-instance-id", "ocid1.x"], cli_env).stdout
-    assert "already known" in run(["instances", "add", "gpu-1"], cli_env).stdout
+def test_instances_tokens_workers_status(cli_env, tmp_path):
+    added = run(["instances", "add", "gpu-1", "--hostname", "h1", "--model", "m1",
+                 "--provider-instance-id", "ocid1.x"], cli_env).stdout
+    assert "added" in added and added.strip().splitlines()[-1].startswith("gfj_")
+    again = run(["instances", "add", "gpu-1", "--model", "m1"], cli_env).stdout
+    assert "already known" in again and "gfj_" not in again
+    # a join secret written to a file: mode 0600, only the path printed
+    path = tmp_path / "gpu-2.join"
+    to_file = run(["instances", "add", "gpu-2", "--model", "m1", "--worker-id", "gpu-2a", "--worker-id", "gpu-2b",
+                   "--join-secret-file", str(path)], cli_env).stdout
+    secret = path.read_text().strip()
+    assert secret.startswith("gfj_") and secret not in to_file and str(path) in to_file
+    assert path.stat().st_mode & 0o777 == 0o600
+    fresh = run(["--json", "instances", "join-secret", "gpu-2", "--file", str(path)], cli_env).stdout
+    assert "gfj_" not in fresh and path.read_text().strip() != secret
+    assert "HTTP 404" in run(["instances", "join-secret", "ghost"], cli_env, check_rc=1).stderr
+    assert "--model" in run(["instances", "add", "gpu-3"], cli_env, check_rc=2).stderr
     listed = run(["instances", "list"], cli_env).stdout
-    assert "gpu-1" in listed and "h1" in listed and "ocid1.x" in listed
+    assert "gpu-1" in listed and "h1" in listed and "ocid1.x" in listed and "gpu-2a,gpu-2b" in listed
     data = json.loads(run(["instances", "list", "--json"], cli_env).stdout)
-    assert data["instances"][0]["instance_id"] == "gpu-1"
+    assert data["instances"][0]["instance_id"] == "gpu-1" and data["instances"][0]["worker_ids"] == ["gpu-1"]
 
     rotated = run(["tokens", "rotate", "gpu-1"], cli_env).stdout.strip().splitlines()[-1]
     assert rotated.startswith("gfw_")
     assert "HTTP 404" in run(["tokens", "rotate", "ghost"], cli_env, check_rc=1).stderr
     assert "(none)" in run(["workers"], cli_env).stdout
     status = run(["status"], cli_env).stdout
-    assert "instances: 1" in status and "workers:   0" in status
-    assert json.loads(run(["--json", "status"], cli_env).stdout)["instances"]["total"] == 1
+    assert "instances: 2" in status and "workers:   0" in status
+    assert json.loads(run(["--json", "status"], cli_env).stdout)["instances"]["total"] == 2
     drained = run(["drain", "ghost"], cli_env, check_rc=1)
     assert "worker 'ghost' is not known" in drained.stderr
     assert "scaling: off" in run(["scaling"], cli_env).stdout
@@ -96,12 +110,14 @@ def test_db_migrate_is_idempotent_and_safe_concurrently(postgres_server):
     assert [p.returncode for p in procs] == [0, 0, 0], outputs
     applied = [json.loads(out)["applied"] for out, _ in outputs]
     # exactly one run applied the migrations; the others found the schema up to date
-    assert sorted(len(a) for a in applied) == [0, 0, 2]
+    shipped = [(m.version, m.name) for m in available_migrations()]
+    assert sorted(len(a) for a in applied) == [0, 0, len(shipped)]
     again = json.loads(run(["--json", "db", "migrate"], env).stdout)
-    assert again == {"applied": [], "version": 2}
+    assert again == {"applied": [], "version": shipped[-1][0]}
     conn = psycopg2.connect(dsn)
     with conn, conn.cursor() as cur:
         cur.execute("SELECT version, name FROM schema_migrations ORDER BY version")
-        assert cur.fetchall() == [(1, "initial"), (2, "reconciler_state")]
+        assert cur.fetchall() == shipped
+        assert shipped[:3] == [(1, "initial"), (2, "reconciler_state"), (3, "enrolment")]
     conn.close()
     assert "GPUFLEET_DATABASE_URL is not set" in run(["db", "migrate"], {}, check_rc=2).stderr

@@ -24,7 +24,7 @@ def test_instances_add_is_idempotent_and_listed(cp):
     first = cp.admin("POST", "/v1/admin/instances", json={"instance_id": "i1", "hostname": "gpu-1",
                                                            "model_id": "m1", "provider_instance_id": "ocid1"})
     assert first.status_code == 201
-    again = cp.admin("POST", "/v1/admin/instances", json={"instance_id": "i1", "hostname": "changed"})
+    again = cp.admin("POST", "/v1/admin/instances", json={"instance_id": "i1", "hostname": "changed", "model_id": "m1"})
     assert again.status_code == 200 and again.json()["instance"]["hostname"] == "gpu-1"
     bad = cp.admin("POST", "/v1/admin/instances", json={"hostname": "x"})
     assert bad.status_code == 400 and "instance_id" in bad.json()["error"]["message"]
@@ -53,7 +53,7 @@ def test_keys_are_hashed_published_and_revoked(cp):
 def test_health_readiness_and_status(cp):
     assert requests.get(cp.url + "/healthz", timeout=10).status_code == 200
     assert requests.get(cp.url + "/readyz", timeout=10).json() == {"status": "ready"}
-    token = cp.bootstrap("i1")
+    token = cp.enrol("i1")
     cp.heartbeat("i1", token, status="starting")
     status = cp.admin("GET", "/v1/admin/status").json()
     assert status["workers"]["total"] == 1 and status["workers"]["routable"] == 0
@@ -62,5 +62,5 @@ def test_health_readiness_and_status(cp):
     metrics = requests.get(cp.url + "/metrics", timeout=10).text
     assert 'gpufleet_workers{health="starting"} 1.0' in metrics
     assert 'gpufleet_workers_reported_status{status="starting"} 1.0' in metrics
-    assert 'gpufleet_cp_registrations_total{result="bootstrap"} 1.0' in metrics
+    assert 'gpufleet_cp_registrations_total{result="enrolled"} 1.0' in metrics
     assert 'gpufleet_cp_heartbeats_total{status="starting"} 1.0' in metrics

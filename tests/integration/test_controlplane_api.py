@@ -6,21 +6,24 @@ import requests
 from gpufleet.controlplane.testing import registration
 
 
-def test_bootstrap_issues_a_token_once_and_stores_only_its_hash(cp):
+def test_enrolment_issues_a_token_once_and_stores_only_hashes(cp):
     cp.add_instance("i1")
-    resp = cp.register("i1")
+    secret = cp.join_secrets["i1"]
+    assert secret.startswith("gfj_")
+    resp = cp.register("i1", token=secret)
     assert resp.status_code == 200, resp.text
     body = resp.json()
     token = body["bootstrap_token"]
     assert token.startswith("gfw_") and body["worker_id"] == "i1" and body["heartbeat_interval_s"] == 1.0
-    # the database holds a hash and a short prefix, never the token
+    # the database holds hashes and short prefixes, never the token or the join secret
     rows = cp.query("SELECT * FROM worker_auth_tokens")
     assert len(rows) == 1
-    dump = repr(cp.query("SELECT * FROM worker_auth_tokens")) + repr(cp.query("SELECT * FROM workers"))
-    assert token not in dump and token[4:] not in dump
-    # a second bootstrap is refused; the token itself works
-    second = cp.register("i1")
-    assert second.status_code == 409 and second.json()["error"]["code"] == "token_already_issued"
+    dump = "".join(repr(cp.query(f"SELECT * FROM {t}")) for t in ("worker_auth_tokens", "workers", "join_secrets"))
+    for clear in (token, secret):
+        assert clear not in dump and clear[4:] not in dump
+    # the join secret is used up; the token itself works
+    second = cp.register("i1", token=secret)
+    assert second.status_code == 401 and second.json()["error"]["code"] == "invalid_credentials"
     again = cp.register("i1", token=token)
     assert again.status_code == 200 and "bootstrap_token" not in again.json()
     assert cp.query("SELECT last_used_at IS NOT NULL FROM worker_auth_tokens") == [(True,)]
@@ -28,17 +31,17 @@ def test_bootstrap_issues_a_token_once_and_stores_only_its_hash(cp):
 
 def test_unknown_and_retired_instances_are_refused(cp):
     resp = cp.register("nobody")
-    assert resp.status_code == 403 and "gpufleet instances add nobody" in resp.json()["error"]["message"]
-    token = cp.bootstrap("old")
+    assert resp.status_code == 401 and resp.json()["error"]["code"] == "invalid_credentials"
+    token = cp.enrol("old")
     assert cp.admin("POST", "/v1/admin/instances/old/retire").status_code == 200
-    assert cp.register("old", token=token).status_code == 403
-    assert cp.heartbeat("old", token).status_code == 403
+    assert cp.register("old", token=token).status_code == 401
+    assert cp.heartbeat("old", token).status_code == 401
     assert cp.query("SELECT count(*) FROM workers WHERE instance_id = 'nobody'") == [(0,)]
 
 
 def test_a_token_is_bound_to_its_instance(cp):
-    token_a = cp.bootstrap("a")
-    token_b = cp.bootstrap("b")
+    token_a = cp.enrol("a")
+    token_b = cp.enrol("b")
     # A's token cannot register or heartbeat as B, nor claim B's worker
     assert cp.register("b", token=token_a).status_code == 403
     assert cp.heartbeat("b", token_a).status_code == 403
@@ -51,11 +54,11 @@ def test_a_token_is_bound_to_its_instance(cp):
     assert cp.heartbeat("a", token_a).status_code == 200
     assert cp.heartbeat("b", token_b).status_code == 200
     metrics = requests.get(cp.url + "/metrics", timeout=10).text
-    assert 'gpufleet_cp_auth_failures_total{kind="worker",reason="wrong_instance"}' in metrics
+    assert 'gpufleet_cp_auth_failures_total{kind="worker",reason="token_instance_mismatch"}' in metrics
 
 
 def test_rotation_invalidates_the_old_token_at_once(cp):
-    old = cp.bootstrap("i1")
+    old = cp.enrol("i1")
     assert cp.heartbeat("i1", old).status_code == 200
     resp = cp.admin("POST", "/v1/admin/instances/i1/rotate-token")
     assert resp.status_code == 200
@@ -100,7 +103,7 @@ def test_bad_registrations_name_the_field_and_change_nothing(cp):
 
 
 def test_bad_heartbeats_huge_bodies_and_non_json(cp):
-    token = cp.bootstrap("i1")
+    token = cp.enrol("i1")
     headers = {"Authorization": f"Bearer {token}"}
     url = cp.url + "/internal/worker/heartbeat"
     for body, field in [({"instance_id": "i1", "worker_id": "i1", "model_id": "m1"}, "status"),
@@ -123,7 +126,7 @@ def test_bad_heartbeats_huge_bodies_and_non_json(cp):
 
 
 def test_heartbeat_updates_the_row_and_delivers_drain_and_undrain(cp):
-    token = cp.bootstrap("i1")
+    token = cp.enrol("i1")
     resp = cp.heartbeat("i1", token, status="starting", queue_depth=3, gpu_util=55.5, ttft_p95_ms=120)
     assert resp.status_code == 200 and resp.json() == {}
     assert cp.query("SELECT status, queue_depth, gpu_util, ttft_p95_ms FROM workers") == [("starting", 3, 55.5, 120)]

@@ -47,9 +47,10 @@ def test_migrate_on_start_and_readyz_follows_the_database(daemons, database_url,
     assert resp.status_code == 503 and resp.json()["error"]["code"] == "database_unavailable"
 
 
-def test_racing_bootstraps_issue_exactly_one_token(daemons, database_url, redis_url):
+def test_racing_enrolments_with_one_join_secret_issue_exactly_one_token(daemons, database_url, redis_url):
     _, url = start_control_plane(daemons, cp_env(database_url, redis_url))
-    requests.post(url + "/v1/admin/instances", json={"instance_id": "i1"}, headers=ADMIN, timeout=10)
+    secret = requests.post(url + "/v1/admin/instances", json={"instance_id": "i1", "model_id": "m"}, headers=ADMIN,
+                           timeout=10).json()["join_secret"]
     body = {"instance_id": "i1", "worker_id": "i1", "model_id": "m", "advertise_url": "http://127.0.0.1:1",
             "agent_url": "http://127.0.0.1:1", "tensor_parallel_size": 1}
     results = []
@@ -57,7 +58,8 @@ def test_racing_bootstraps_issue_exactly_one_token(daemons, database_url, redis_
 
     def attempt():
         barrier.wait()
-        resp = requests.post(url + "/internal/worker/register", json=body, timeout=30)
+        resp = requests.post(url + "/internal/worker/register", json=body, timeout=30,
+                             headers={"Authorization": f"Bearer {secret}"})
         results.append((resp.status_code, resp.json().get("bootstrap_token")))
 
     threads = [threading.Thread(target=attempt) for _ in range(8)]
@@ -65,7 +67,7 @@ def test_racing_bootstraps_issue_exactly_one_token(daemons, database_url, redis_
         t.start()
     for t in threads:
         t.join(timeout=60)
-    assert sorted(code for code, _ in results) == [200] + [409] * 7, results
+    assert sorted(code for code, _ in results) == [200] + [401] * 7, results
     assert len([token for _, token in results if token]) == 1
 
 
@@ -73,8 +75,10 @@ def test_an_unreachable_redis_does_not_lose_heartbeats_or_new_keys(daemons, data
     own_redis = RedisServer().start()
     try:
         _, url = start_control_plane(daemons, cp_env(database_url, own_redis.url))
-        requests.post(url + "/v1/admin/instances", json={"instance_id": "i1"}, headers=ADMIN, timeout=10)
-        token = requests.post(url + "/internal/worker/register", timeout=10, json={
+        secret = requests.post(url + "/v1/admin/instances", json={"instance_id": "i1", "model_id": "m"},
+                               headers=ADMIN, timeout=10).json()["join_secret"]
+        token = requests.post(url + "/internal/worker/register", timeout=10,
+                              headers={"Authorization": f"Bearer {secret}"}, json={
             "instance_id": "i1", "worker_id": "i1", "model_id": "m", "advertise_url": "http://127.0.0.1:1",
             "agent_url": "http://127.0.0.1:1"}).json()["bootstrap_token"]
         own_redis.stop()
@@ -101,7 +105,7 @@ def test_counters_are_summed_over_gunicorn_processes_and_survive_a_worker_restar
                                                                                  redis_url):
     daemon, url = start_control_plane(daemons, cp_env(database_url, redis_url, GPUFLEET_WORKERS="2"))
     client = ControlPlaneClient(url, database_url)
-    token = client.bootstrap("i1")
+    token = client.enrol("i1")
     for _ in range(6):
         assert client.heartbeat("i1", token).status_code == 200
     children = subprocess.run(["pgrep", "-P", str(daemon.pid)], capture_output=True, text=True).stdout.split()

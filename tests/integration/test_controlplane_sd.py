@@ -36,7 +36,7 @@ def test_needs_the_sd_token_which_opens_nothing_else(sd_cp):
 
 
 def test_workers_appear_on_register_and_leave_when_retired(sd_cp):
-    token = sd_cp.bootstrap("gpu-1")
+    token = sd_cp.enrol("gpu-1")
     resp = sd_cp.register("gpu-1", token=token, advertise_url="http://10.2.0.7:8000",
                           agent_url="http://10.2.0.7:8080")
     assert resp.status_code == 200, resp.text

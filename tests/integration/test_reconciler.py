@@ -30,8 +30,10 @@ class Agent:
         self.answers = []
         self._stop = threading.Event()
         self.readyz(200)
-        requests.post(cp_url + "/v1/admin/instances", json={"instance_id": instance_id}, headers=ADMIN, timeout=10)
-        resp = requests.post(cp_url + "/internal/worker/register", timeout=10, json={
+        secret = requests.post(cp_url + "/v1/admin/instances", json={"instance_id": instance_id, "model_id": "m1"},
+                               headers=ADMIN, timeout=10).json()["join_secret"]
+        resp = requests.post(cp_url + "/internal/worker/register", timeout=10,
+                             headers={"Authorization": f"Bearer {secret}"}, json={
             "instance_id": instance_id, "worker_id": instance_id, "model_id": "m1",
             "advertise_url": "http://127.0.0.1:8000", "agent_url": agent_url, "tensor_parallel_size": 1,
             "gpus": [], "agent_version": "test"})
@@ -233,7 +235,10 @@ def test_scaling_loop_decides_stores_actuates_and_drains_the_least_loaded(fleet,
     busy, idle = fleet.agent("w1", queue_depth=1), fleet.agent("w2", queue_depth=0)
     busy.beating.set()
     idle.beating.set()
+    # a plain reconciler probes them into the ready set (the API never probes a worker)
+    plain = fleet.reconciler("reconciler-probe-only")
     wait_until(lambda: fleet.ready() == {"w1", "w2"}, timeout=20, what="both ready")
+    plain.stop()
     fleet.reconciler(GPUFLEET_SCALING_ENABLED="true", GPUFLEET_SCALING_INTERVAL_S="0.5",
                      GPUFLEET_SCALING_ACTUATOR="command", GPUFLEET_SCALING_COMMAND=str(script),
                      GPUFLEET_SCALING_MIN_REPLICAS="1", GPUFLEET_SCALING_MAX_REPLICAS="3",

@@ -4,6 +4,8 @@ simulators as real processes; the operator's side through the ``gpufleet`` CLI."
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import threading
 import time
 
@@ -34,10 +36,12 @@ class Stack:
         return run_cli(self.cp_url, *args)
 
     def worker(self, instance_id: str) -> str:
-        self.cli("instances", "add", instance_id)
+        secret_file = os.path.join(tempfile.mkdtemp(prefix="gpufleet-join-"), "join-secret")
+        self.cli("instances", "add", instance_id, "--model", MODEL, "--join-secret-file", secret_file)
         _, sim_url = start_sim(self.daemons, MODEL, "--api-key", VLLM_KEY, name=f"sim-{instance_id}")
         start_agent(self.daemons, agent_env(instance_id=instance_id, control_plane_url=self.cp_url, model_id=MODEL,
-                                            vllm_base_url=sim_url, port=self.daemons.port(), VLLM_API_KEY=VLLM_KEY),
+                                            vllm_base_url=sim_url, port=self.daemons.port(), VLLM_API_KEY=VLLM_KEY,
+                                            WORKER_JOIN_SECRET_FILE=secret_file),
                     name=f"agent-{instance_id}")
         self.sims[instance_id] = sim_url
         return sim_url

@@ -6,6 +6,8 @@ reconcile every 0.5 s; the bounds below add tolerance for a loaded 2-core machin
 """
 
 import json
+import os
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -38,12 +40,14 @@ class Fleet:
 
     def start_worker(self, *sim_args: str, instance_id: str = "gpu-a", cp_url: str | None = None,
                      sim_port: int | None = None, wait_sim: bool = True):
-        self.cli("instances", "add", instance_id)
+        secret_file = os.path.join(tempfile.mkdtemp(prefix="gpufleet-join-"), "join-secret")
+        self.cli("instances", "add", instance_id, "--model", MODEL, "--join-secret-file", secret_file)
         sim, sim_url = start_sim(self.daemons, MODEL, *sim_args, port=sim_port, wait=wait_sim,
                                  name=f"sim-{instance_id}")
         agent, agent_url = start_agent(self.daemons, agent_env(
             instance_id=instance_id, control_plane_url=cp_url or self.cp_url, model_id=MODEL,
-            vllm_base_url=sim_url, port=self.daemons.port()), name=f"agent-{instance_id}")
+            vllm_base_url=sim_url, port=self.daemons.port(), WORKER_JOIN_SECRET_FILE=secret_file),
+            name=f"agent-{instance_id}")
         return sim, sim_url, agent, agent_url
 
 

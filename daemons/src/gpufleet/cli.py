@@ -16,6 +16,7 @@ from pathlib import Path
 import requests
 
 from gpufleet.common.config import ConfigError, Env, exit_on_config_error
+from gpufleet.common.secretfile import write_secret_file
 
 EXIT_API = 1
 
@@ -111,7 +112,7 @@ def emit(args, data, human: str) -> None:
 def cmd_status(args, client: Client):
     _, data = client.call("GET", "/v1/admin/status")
     w, inst = data["workers"], data["instances"]
-    lines = [f"instances: {inst['total']} ({inst['retired']} retired, {inst['without_token']} awaiting bootstrap)",
+    lines = [f"instances: {inst['total']} ({inst['retired']} retired, {inst['without_token']} not enrolled yet)",
              f"workers:   {w['total']} ({w['routable']} routable)  "
              + "  ".join(f"{k}={v}" for k, v in sorted(w["by_health"].items())),
              f"api keys:  {data['api_keys']['active']} active"]
@@ -136,11 +137,45 @@ def cmd_workers(args, client: Client):
                                   ("advertise_url", "URL"), ("probe", "PROBE")]))
 
 
+def _write_secret_file(path: str, secret: str) -> None:
+    """Create ``path`` with mode 0600 from the start (never world-readable for a moment)."""
+    try:
+        write_secret_file(path, secret)
+    except OSError as exc:
+        raise ApiFailure(f"cannot write the join secret to {path}: {exc.strerror}; issue a new one with "
+                         "`gpufleet instances join-secret ID --file PATH`") from None
+
+
+def _hand_over_secret(args, data: dict, secret: str, expires_at: str) -> str:
+    """Print the join secret once, or write it to --join-secret-file and print only the path."""
+    if args.secret_file:
+        _write_secret_file(args.secret_file, secret)
+        for key in ("join_secret", "secret"):
+            data.pop(key, None)
+        data["join_secret_file"] = args.secret_file
+        return f"join secret written to {args.secret_file} (mode 0600), valid until {expires_at}, single use"
+    return (f"join secret (shown once; single use, valid until {expires_at}); give it to the worker's agent "
+            f"in WORKER_JOIN_SECRET_FILE (mode 0600):\n{secret}")
+
+
 def cmd_instances_add(args, client: Client):
     body = {"instance_id": args.instance_id, "provider_instance_id": args.provider_instance_id,
-            "hostname": args.hostname, "model_id": args.model}
+            "hostname": args.hostname, "model_id": args.model, "worker_ids": args.worker_ids}
     status, data = client.call("POST", "/v1/admin/instances", {k: v for k, v in body.items() if v is not None})
-    emit(args, data, f"instance {args.instance_id} " + ("added" if status == 201 else "already known (unchanged)"))
+    if status != 201:
+        known = data.get("instance", {})
+        emit(args, data, f"instance {args.instance_id} already known (unchanged: model {known.get('model_id')}, "
+                         f"workers {','.join(known.get('worker_ids') or [])}); no join secret issued — "
+                         f"`gpufleet instances join-secret {args.instance_id}` issues one")
+        return
+    human = _hand_over_secret(args, data, data["join_secret"], data["join_secret_expires_at"])
+    emit(args, data, f"instance {args.instance_id} added for {args.model}\n{human}")
+
+
+def cmd_instances_join_secret(args, client: Client):
+    _, data = client.call("POST", f"/v1/admin/instances/{_seg(args.instance_id)}/join-secret")
+    emit(args, data, _hand_over_secret(args, data, data["join_secret"], data["expires_at"])
+         + "\n(any earlier unused join secret of this instance no longer works)")
 
 
 def cmd_instances_list(args, client: Client):
@@ -231,12 +266,21 @@ def build_parser() -> argparse.ArgumentParser:
     add("status", cmd_status, "the fleet at a glance")
     add("workers", cmd_workers, "workers with health and last heartbeat").add_argument("--model")
     instances = sub.add_parser("instances", help="instances known to the control plane").add_subparsers(
-        dest="sub", required=True, metavar="add|list|retire")
-    p = add("add", cmd_instances_add, "make an instance known (so its agent can bootstrap)", instances)
+        dest="sub", required=True, metavar="add|join-secret|list|retire")
+    p = add("add", cmd_instances_add, "make an instance known; prints its one-time join secret", instances)
     p.add_argument("instance_id")
+    p.add_argument("--model", required=True, help="the model the instance serves (its token is bound to it)")
+    p.add_argument("--worker-id", dest="worker_ids", action="append", metavar="W",
+                   help="a worker id the instance may register (repeat; default: the instance id)")
     p.add_argument("--provider-instance-id")
     p.add_argument("--hostname")
-    p.add_argument("--model")
+    p.add_argument("--join-secret-file", dest="secret_file", metavar="PATH",
+                   help="write the join secret to PATH (mode 0600) instead of printing it")
+    p = add("join-secret", cmd_instances_join_secret, "issue a new one-time join secret (printed once)",
+            instances)
+    p.add_argument("instance_id")
+    p.add_argument("--file", dest="secret_file", metavar="PATH",
+                   help="write the join secret to PATH (mode 0600) instead of printing it")
     add("list", cmd_instances_list, "list instances", instances)
     add("retire", cmd_instances_retire, "retire an instance (revokes its token)", instances).add_argument(
         "instance_id")

@@ -22,7 +22,8 @@ class Agent:
     def __init__(self, config: AgentConfig, gpu_reader: GpuReader | None = None):
         self.config = config
         self.version = __version__
-        self.tokens = TokenStore(config.worker_auth_token, config.worker_auth_token_file)
+        self.tokens = TokenStore(config.worker_auth_token, config.worker_auth_token_file,
+                                 config.worker_join_secret_file)
         self.gpus = gpu_reader or GpuReader()
         self.vllm = VllmMonitor(config)
         self.registrar = Registrar(config, self.tokens, self.register_payload, self.heartbeat_payload,

@@ -22,6 +22,7 @@ class AgentConfig:
     provider_instance_id: str = ""
     worker_auth_token: str | None = None
     worker_auth_token_file: str | None = None
+    worker_join_secret_file: str | None = None
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
     vllm_base_url: str = DEFAULT_VLLM_BASE_URL
@@ -72,6 +73,9 @@ def load_config(environ: Mapping[str, str] | None = None) -> AgentConfig:
     token_file = env.str("WORKER_AUTH_TOKEN_FILE")
     if token_file is not None:
         _check_token_file(token_file)
+    join_secret_file = env.str("WORKER_JOIN_SECRET_FILE")
+    if join_secret_file is not None:
+        _check_join_secret_file(join_secret_file)
 
     return AgentConfig(
         instance_id=instance_id,
@@ -81,6 +85,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> AgentConfig:
         model_id=model_id,
         worker_auth_token=env.str("WORKER_AUTH_TOKEN"),
         worker_auth_token_file=token_file,
+        worker_join_secret_file=join_secret_file,
         tensor_parallel_size=env.int("TENSOR_PARALLEL_SIZE", 1, minimum=1, maximum=64),
         gpu_memory_utilization=env.float("GPU_MEMORY_UTILIZATION", 0.9, minimum=0.01, maximum=1.0),
         vllm_base_url=vllm_base_url,
@@ -119,3 +124,23 @@ def _check_token_file(path: str) -> None:
                           "e.g. /var/lib/gpufleet/worker-token")
     if os.path.exists(path) and not os.access(path, os.R_OK):
         raise ConfigError(f"WORKER_AUTH_TOKEN_FILE={path!r} is not readable by this user: fix its owner")
+
+
+def _check_join_secret_file(path: str) -> None:
+    """The one-time join secret (from ``gpufleet instances add``/``join-secret``, delivered
+    by the role): it may be gone once the worker holds its token, but when present it must
+    be readable by this user only."""
+    if os.path.isdir(path):
+        raise ConfigError(f"WORKER_JOIN_SECRET_FILE={path!r} is a folder: point it at the file holding "
+                          "the join secret, e.g. /etc/gpufleet/join-secret")
+    try:
+        mode = os.stat(path).st_mode & 0o777
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ConfigError(f"WORKER_JOIN_SECRET_FILE={path!r} cannot be read: {exc.strerror}") from None
+    if mode & 0o077:
+        raise ConfigError(f"WORKER_JOIN_SECRET_FILE={path!r} is readable by others (mode {mode:o}): "
+                          f"chmod 600 {path}")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"WORKER_JOIN_SECRET_FILE={path!r} is not readable by this user: fix its owner")

@@ -1,11 +1,12 @@
 """Registration and heartbeats towards the control plane (DESIGN.md, control plane contract).
 
-One loop: register (bootstrapping a token when none is held), then heartbeat every
+One loop: register (enrolling with the join secret when no token is held), then heartbeat every
 ``heartbeat_interval_s`` the control plane returned, and at once when woken by a status
-change. Failures never end the loop: an unreachable control plane and a rejected token
-are both retried with exponential back-off and jitter; a rejected token is never
-replaced by a second bootstrap (the control plane refuses those anyway), but a new token
-written to WORKER_AUTH_TOKEN_FILE (a rotation) is picked up on the next attempt.
+change. Failures never end the loop: an unreachable control plane and a rejected
+credential are both retried with exponential back-off and jitter. With no token, the
+register presents the join secret of WORKER_JOIN_SECRET_FILE (read afresh on each try, so
+a newly delivered one is picked up); a new token written to WORKER_AUTH_TOKEN_FILE (a
+rotation) is picked up on the next attempt after a refusal.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from .tokens import TokenStore
 
 log = logging.getLogger("gpufleet.agent.registration")
 
-REJECTING = {401: "the token was refused (401)", 403: "the instance is unknown or retired (403)",
-             409: "a token was already issued for this instance (409)"}
+REJECTING = {401: "the credential was refused (401)",
+             403: "the token may not act as this instance, model or worker id (403)",
+             409: "the control plane knows this worker for another model (409)"}
 REQUEST_TIMEOUT_S = 5.0
 
 
@@ -76,9 +78,9 @@ class Registrar:
     def _url(self, path: str) -> str:
         return self.config.control_plane_url + path
 
-    def _auth(self) -> dict:
-        token = self.tokens.token
-        return {"Authorization": f"Bearer {token}"} if token else {}
+    def _auth(self, *, enrol: bool = False) -> dict:
+        secret = self.tokens.token or (self.tokens.join_secret() if enrol else None)
+        return {"Authorization": f"Bearer {secret}"} if secret else {}
 
     def _log_once(self, level: int, message: str, *args) -> None:
         """Log a failure when it changes, not on every retry."""
@@ -92,10 +94,15 @@ class Registrar:
     def register(self) -> bool:
         if self.state == "rejected":
             self.tokens.reload_if_changed()
-        bootstrapping = self.tokens.token is None
+        enrolling = self.tokens.token is None
+        headers = self._auth(enrol=True)
+        if enrolling and not headers:
+            return self._rejected("register", 0, "the agent holds no worker token and no join secret: write "
+                                  "the one from `gpufleet instances join-secret "
+                                  f"{self.config.instance_id}` to WORKER_JOIN_SECRET_FILE (mode 0600)")
         try:
             resp = self._session.post(self._url("/internal/worker/register"), json=self._register_payload(),
-                                      headers=self._auth(), timeout=REQUEST_TIMEOUT_S)
+                                      headers=headers, timeout=REQUEST_TIMEOUT_S)
         except requests.RequestException as exc:
             return self._unreachable("register", f"{type(exc).__name__}")
         if resp.status_code == 200:
@@ -106,7 +113,8 @@ class Registrar:
             token = body.get("bootstrap_token") if isinstance(body, dict) else None
             if token:
                 self.tokens.store_bootstrapped(token)
-                log.info("bootstrapped a worker token for instance %s", self.config.instance_id)
+                log.info("enrolled with the join secret: got a worker token for instance %s",
+                         self.config.instance_id)
             if self.tokens.token is None:
                 return self._rejected("register", 200, "the control plane accepted the registration "
                                       "but issued no token")
@@ -124,9 +132,9 @@ class Registrar:
         if resp.status_code >= 500:
             return self._unreachable("register", f"HTTP {resp.status_code}")
         what = REJECTING.get(resp.status_code, f"HTTP {resp.status_code}")
-        if bootstrapping and resp.status_code == 409:
-            what += ("; the agent holds no token: put the current one in WORKER_AUTH_TOKEN_FILE, or issue "
-                     f"a new one with `gpufleet tokens rotate {self.config.instance_id}`")
+        if enrolling and resp.status_code == 401:
+            what = ("the join secret was refused (401: wrong, expired or already used): issue a new one with "
+                    f"`gpufleet instances join-secret {self.config.instance_id}` into WORKER_JOIN_SECRET_FILE")
         return self._rejected("register", resp.status_code, f"{what}: {_error_message(resp)}")
 
     def heartbeat(self) -> bool:

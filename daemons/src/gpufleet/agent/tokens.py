@@ -1,67 +1,38 @@
 """The worker's auth token: held in memory, persisted to WORKER_AUTH_TOKEN_FILE (0600).
 
 Where it comes from, in order: ``WORKER_AUTH_TOKEN`` (set by the operator or the role),
-else the token file (written by an earlier bootstrap or by the role after a rotation),
-else none — the agent then bootstraps one from the control plane, once.
+else the token file (written by an earlier enrolment or by the role after a rotation),
+else none — the agent then enrols: its first register presents the one-time join secret
+of ``WORKER_JOIN_SECRET_FILE`` and the control plane answers with the token, once.
+Neither secret is ever logged.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import threading
+
+from gpufleet.common.secretfile import read_secret_file as read_token_file
+from gpufleet.common.secretfile import write_secret_file as write_token_file
 
 log = logging.getLogger("gpufleet.agent.tokens")
 
 
-def read_token_file(path: str | None) -> str | None:
-    if not path:
-        return None
-    try:
-        with open(path, encoding="utf-8") as handle:
-            token = handle.read().strip()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        log.error("cannot read the worker token file %s: %s", path, exc.strerror)
-        return None
-    return token or None
-
-
-def write_token_file(path: str, token: str) -> None:
-    """Atomically replace ``path`` with the token, readable by its owner only."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".worker-token-", dir=folder)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(token + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-
-
 class TokenStore:
-    def __init__(self, env_token: str | None = None, path: str | None = None):
+    def __init__(self, env_token: str | None = None, path: str | None = None,
+                 join_secret_path: str | None = None):
         self._env_token = env_token
         self.path = path
+        self.join_secret_path = join_secret_path
         self._lock = threading.Lock()
         self._token = env_token or read_token_file(path)
+
+    def join_secret(self) -> str | None:
+        """The join secret to enrol with, read afresh each time (the role may deliver a new
+        one while the agent retries); None when the agent holds a token or has no file."""
+        if self._token is not None:
+            return None
+        return read_token_file(self.join_secret_path)
 
     @property
     def token(self) -> str | None:

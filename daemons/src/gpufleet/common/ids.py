@@ -7,6 +7,7 @@ import hmac
 import secrets
 
 WORKER_TOKEN_PREFIX = "gfw_"
+JOIN_SECRET_PREFIX = "gfj_"
 API_KEY_PREFIX = "gfk_"
 ADMIN_TOKEN_PREFIX = "gfa_"
 

@@ -11,10 +11,16 @@ import logging
 import redis
 from flask import Blueprint, jsonify, request
 
-from gpufleet.common.ids import WORKER_TOKEN_PREFIX, display_prefix, new_secret, same_hash, sha256_hex
+from gpufleet.common.ids import (
+    JOIN_SECRET_PREFIX,
+    WORKER_TOKEN_PREFIX,
+    display_prefix,
+    new_secret,
+    same_hash,
+    sha256_hex,
+)
 from gpufleet.controlplane import keystore, store
-from gpufleet.controlplane.api_worker import publish
-from gpufleet.controlplane.app import ApiError, bearer_token, read_json, services
+from gpufleet.controlplane.api_base import ApiError, bearer_token, publish, read_json, services
 from gpufleet.controlplane.routability import assess_row
 from gpufleet.controlplane.validation import PayloadError, ident, integer, model, text
 
@@ -45,9 +51,12 @@ def _instance_json(row) -> dict:
         "hostname": row["hostname"], "model_id": row["model_id"], "created_at": _iso(row["created_at"]),
         "retired_at": _iso(row["retired_at"]),
     }
+    if "worker_ids" in row:
+        out["worker_ids"] = list(row["worker_ids"])
     if "has_token" in row:
         out.update({"has_token": bool(row["has_token"]), "token_prefix": row["token_prefix"] if row["has_token"]
-                    else None, "token_last_used_at": _iso(row["token_last_used_at"]), "workers": row["workers"]})
+                    else None, "token_last_used_at": _iso(row["token_last_used_at"]), "workers": row["workers"],
+                    "join_secret_expires_at": _iso(row["join_secret_expires_at"])})
     return out
 
 
@@ -82,18 +91,61 @@ def _key_json(row) -> dict:
 # -- instances ---------------------------------------------------------------------------
 
 
+def _worker_ids(body: dict, instance_id: str) -> list[str]:
+    value = body.get("worker_ids")
+    if value is None:
+        return [instance_id]
+    if not isinstance(value, list) or not 1 <= len(value) <= 64:
+        raise PayloadError("worker_ids", "worker_ids must be a list of 1 to 64 worker ids "
+                                         "(default: [instance_id])")
+    ids = [ident({"worker_ids": v}, "worker_ids") for v in value]
+    return sorted(set(ids))
+
+
+def _issue_join_secret(cur, instance_id: str) -> tuple[str, str]:
+    secret = new_secret(JOIN_SECRET_PREFIX)
+    expires = store.issue_join_secret(cur, instance_id, sha256_hex(secret), display_prefix(secret),
+                                      services().config.join_secret_ttl_s)
+    return secret, _iso(expires)
+
+
 @admin.post("/instances")
 def add_instance():
     body = read_json(request)
     instance_id = ident(body, "instance_id")
     provider_id = text(body, "provider_instance_id")
     hostname = text(body, "hostname")
-    model_id = model(body, required=False)
+    model_id = model(body)
+    worker_ids = _worker_ids(body, instance_id)
     with services().db.cursor() as cur:
-        row, created = store.add_instance(cur, instance_id, provider_id, hostname, model_id)
-    if created:
-        log.info("instance %s added", instance_id)
-    return jsonify({"instance": _instance_json(row), "created": created}), 201 if created else 200
+        try:
+            row, created = store.add_instance(cur, instance_id, provider_id, hostname, model_id, worker_ids)
+        except store.WorkerIdTaken as exc:
+            raise ApiError(409, f"worker id {exc.worker_id!r} already belongs to instance {exc.owner!r}: "
+                                "declare another", "worker_id_taken") from None
+        secret = _issue_join_secret(cur, instance_id) if created else None
+        worker_ids = store.declared_worker_ids(cur, instance_id)
+    answer = {"instance": {**_instance_json(row), "worker_ids": worker_ids}, "created": created}
+    if secret:
+        answer["join_secret"], answer["join_secret_expires_at"] = secret
+        log.info("instance %s added for %s (workers %s); join secret issued", instance_id, model_id,
+                 ",".join(worker_ids))
+    return jsonify(answer), 201 if created else 200
+
+
+@admin.post("/instances/<instance_id>/join-secret")
+def join_secret(instance_id: str):
+    """A new one-time join secret; any earlier unused one stops working."""
+    with services().db.cursor() as cur:
+        instance = store.get_instance(cur, instance_id)
+        if instance is None:
+            raise ApiError(404, f"instance {instance_id!r} is not known: add it first "
+                                f"(gpufleet instances add {instance_id} --model MODEL)", "unknown_instance")
+        if instance["retired_at"] is not None:
+            raise ApiError(409, f"instance {instance_id!r} is retired", "retired_instance")
+        secret, expires = _issue_join_secret(cur, instance_id)
+    log.info("join secret issued for instance %s", instance_id)
+    return jsonify({"instance_id": instance_id, "join_secret": secret, "expires_at": expires})
 
 
 @admin.get("/instances")

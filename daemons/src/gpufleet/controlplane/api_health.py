@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
 
-from gpufleet.controlplane.app import services
+from gpufleet.controlplane.api_base import services
 from gpufleet.controlplane.metrics import exposition
 
 health = Blueprint("health", __name__)

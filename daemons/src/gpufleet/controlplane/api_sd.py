@@ -11,7 +11,7 @@ from flask import Blueprint, jsonify, request
 
 from gpufleet.common.ids import same_hash
 from gpufleet.controlplane import store
-from gpufleet.controlplane.app import ApiError, bearer_token, services
+from gpufleet.controlplane.api_base import ApiError, bearer_token, services
 from gpufleet.controlplane.sd import discover
 
 sd_api = Blueprint("sd", __name__, url_prefix="/v1/sd")

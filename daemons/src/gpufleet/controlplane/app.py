@@ -1,57 +1,27 @@
-"""The control plane's Flask application factory and what its blueprints share."""
+"""The control plane's Flask application factory (what its blueprints share is in ``api_base``)."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import redis
-from flask import Flask, current_app, jsonify
+from flask import Flask
 from prometheus_client import CollectorRegistry
 from werkzeug.exceptions import HTTPException
 
 from gpufleet.common.rediskeys import RedisKeys
+from gpufleet.controlplane.api_admin import admin
+from gpufleet.controlplane.api_base import ApiError, Services, error_response
+from gpufleet.controlplane.api_health import health
+from gpufleet.controlplane.api_sd import sd_api
+from gpufleet.controlplane.api_worker import worker_api
 from gpufleet.controlplane.config import ControlPlaneConfig
 from gpufleet.controlplane.db import Database
 from gpufleet.controlplane.metrics import ApiMetrics, FleetCollector
-from gpufleet.controlplane.prober import new_http
 from gpufleet.controlplane.publisher import Publisher
 from gpufleet.controlplane.validation import PayloadError
 
 log = logging.getLogger(__name__)
-
-
-class ApiError(Exception):
-    """An error answered as ``{"error": {"message", "code"}}`` with ``status``."""
-
-    def __init__(self, status: int, message: str, code: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.code = code
-
-
-def error_response(status: int, message: str, code: str, field: str | None = None):
-    body = {"error": {"message": message, "code": code}}
-    if field:
-        body["error"]["field"] = field
-    return jsonify(body), status
-
-
-@dataclass
-class Services:
-    config: ControlPlaneConfig
-    db: Database
-    redis: redis.Redis
-    publisher: Publisher
-    registry: CollectorRegistry
-    metrics: ApiMetrics
-    fleet: FleetCollector
-    http: object  # urllib3.PoolManager for the immediate readyz probe
-
-
-def services() -> Services:
-    return current_app.extensions["gpufleet"]
 
 
 def create_app(config: ControlPlaneConfig) -> Flask:
@@ -68,12 +38,7 @@ def create_app(config: ControlPlaneConfig) -> Flask:
     app.extensions["gpufleet"] = Services(
         config=config, db=db, redis=client,
         publisher=Publisher(client, RedisKeys(config.redis_prefix), config.heartbeat_interval_s),
-        registry=registry, metrics=ApiMetrics(registry), fleet=fleet, http=new_http())
-
-    from gpufleet.controlplane.api_admin import admin  # noqa: PLC0415 - blueprints import this module
-    from gpufleet.controlplane.api_health import health
-    from gpufleet.controlplane.api_sd import sd_api
-    from gpufleet.controlplane.api_worker import worker_api
+        registry=registry, metrics=ApiMetrics(registry), fleet=fleet)
 
     app.register_blueprint(health)
     app.register_blueprint(worker_api)
@@ -109,24 +74,3 @@ def create_app(config: ControlPlaneConfig) -> Flask:
         return error_response(503, "the database is unreachable; retry shortly", "database_unavailable")
 
     return app
-
-
-def read_json(request) -> dict:
-    """The request's JSON object, or a 400 naming the problem (413 comes from Flask)."""
-    if request.content_length is not None and request.content_length > services().config.max_body_bytes:
-        raise ApiError(413, f"the request body is larger than {services().config.max_body_bytes} bytes "
-                            "(GPUFLEET_MAX_BODY_BYTES)", "body_too_large")
-    data = request.get_json(silent=True, force=True)
-    if data is None:
-        raise PayloadError(None, "the request body must be JSON (Content-Type: application/json)")
-    if not isinstance(data, dict):
-        raise PayloadError(None, "the request body must be a JSON object")
-    return data
-
-
-def bearer_token(request) -> str | None:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return None
-    return token.strip()

@@ -26,6 +26,7 @@ class ControlPlaneConfig:
     max_body_bytes: int = 64 * 1024
     migrate_on_start: bool = False
     probe_concurrency: int = 32
+    join_secret_ttl_s: float = 3600.0
     log_level: str = "INFO"
     scaling: ScalingSettings = field(default_factory=ScalingSettings)
     sd: SdSettings = field(default_factory=SdSettings)
@@ -71,6 +72,7 @@ class ControlPlaneConfig:
             max_body_bytes=env.int("GPUFLEET_MAX_BODY_BYTES", 64 * 1024, minimum=1024, maximum=16 * 1024 * 1024),
             migrate_on_start=env.bool("GPUFLEET_MIGRATE_ON_START", False),
             probe_concurrency=env.int("GPUFLEET_PROBE_CONCURRENCY", 32, minimum=1, maximum=512),
+            join_secret_ttl_s=env.float("GPUFLEET_JOIN_SECRET_TTL_S", 3600.0, minimum=1, maximum=30 * 86400),
             log_level=env.str("GPUFLEET_LOG_LEVEL", "INFO"),
             scaling=ScalingSettings.from_env(env),
             sd=SdSettings.from_env(env),

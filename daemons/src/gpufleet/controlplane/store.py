@@ -25,24 +25,59 @@ def get_instance(cur, instance_id: str):
     return cur.fetchone()
 
 
+class WorkerIdTaken(Exception):
+    """A declared worker id already belongs to another instance."""
+
+    def __init__(self, worker_id: str, owner: str):
+        super().__init__(worker_id)
+        self.worker_id = worker_id
+        self.owner = owner
+
+
 def add_instance(cur, instance_id: str, provider_instance_id: str | None, hostname: str | None,
-                 model_id: str | None):
-    """Returns (row, created). An existing instance is left unchanged."""
+                 model_id: str, worker_ids: list[str]):
+    """Returns (row, created). An existing instance is left unchanged. Raises
+    WorkerIdTaken (the caller's transaction then rolls back) when a declared worker id
+    belongs to another instance."""
     cur.execute("""INSERT INTO instances (instance_id, provider_instance_id, hostname, model_id)
                    VALUES (%s, %s, %s, %s) ON CONFLICT (instance_id) DO NOTHING RETURNING *""",
                 (instance_id, provider_instance_id, hostname, model_id))
     row = cur.fetchone()
-    if row is not None:
-        return row, True
-    return get_instance(cur, instance_id), False
+    if row is None:
+        return get_instance(cur, instance_id), False
+    for worker_id in worker_ids:
+        cur.execute("""INSERT INTO instance_workers (worker_id, instance_id) VALUES (%s, %s)
+                       ON CONFLICT (worker_id) DO NOTHING RETURNING worker_id""", (worker_id, instance_id))
+        if cur.fetchone() is None:
+            cur.execute("SELECT instance_id FROM instance_workers WHERE worker_id = %s", (worker_id,))
+            raise WorkerIdTaken(worker_id, cur.fetchone()["instance_id"])
+    return row, True
+
+
+def declared_worker_ids(cur, instance_id: str) -> list[str]:
+    cur.execute("SELECT worker_id FROM instance_workers WHERE instance_id = %s ORDER BY worker_id",
+                (instance_id,))
+    return [r["worker_id"] for r in cur.fetchall()]
+
+
+def bind_model(cur, instance_id: str, model_id: str) -> None:
+    """An instance added before models were declared (see migration 0003) takes the
+    model of its first enrolment."""
+    cur.execute("UPDATE instances SET model_id = %s WHERE instance_id = %s AND model_id IS NULL",
+                (model_id, instance_id))
 
 
 def list_instances(cur):
     cur.execute("""
         SELECT i.*, t.token_prefix, t.created_at AS token_created_at, t.last_used_at AS token_last_used_at,
                t.rotated_at AS token_rotated_at, (t.instance_id IS NOT NULL AND t.revoked_at IS NULL) AS has_token,
-               (SELECT count(*) FROM workers w WHERE w.instance_id = i.instance_id)::int AS workers
+               (SELECT count(*) FROM workers w WHERE w.instance_id = i.instance_id)::int AS workers,
+               ARRAY(SELECT d.worker_id FROM instance_workers d WHERE d.instance_id = i.instance_id
+                     ORDER BY d.worker_id) AS worker_ids,
+               j.expires_at AS join_secret_expires_at
         FROM instances i LEFT JOIN worker_auth_tokens t ON t.instance_id = i.instance_id
+             LEFT JOIN join_secrets j ON j.instance_id = i.instance_id AND j.used_at IS NULL
+                                         AND j.expires_at > now()
         ORDER BY i.instance_id""")
     return cur.fetchall()
 
@@ -54,40 +89,52 @@ def retire_instance(cur, instance_id: str):
     if row is not None:
         cur.execute("""UPDATE worker_auth_tokens SET revoked_at = coalesce(revoked_at, now())
                        WHERE instance_id = %s""", (instance_id,))
+        cur.execute("DELETE FROM join_secrets WHERE instance_id = %s", (instance_id,))
     return row
 
 
 # -- worker tokens -----------------------------------------------------------------------
 
 
-def get_active_token(cur, instance_id: str):
-    cur.execute("""SELECT * FROM worker_auth_tokens WHERE instance_id = %s AND revoked_at IS NULL""",
-                (instance_id,))
+def active_token_by_hash(cur, token_hash: str):
+    """The active token row with this hash (and its instance's model and retirement), or None."""
+    cur.execute("""SELECT t.instance_id, t.token_hash, t.last_used_at, i.model_id, i.retired_at
+                   FROM worker_auth_tokens t JOIN instances i USING (instance_id)
+                   WHERE t.token_hash = %s AND t.revoked_at IS NULL""", (token_hash,))
     return cur.fetchone()
 
 
-def token_owner(cur, token_hash: str) -> str | None:
-    cur.execute("""SELECT instance_id FROM worker_auth_tokens WHERE token_hash = %s AND revoked_at IS NULL""",
-                (token_hash,))
+# -- join secrets ------------------------------------------------------------------------
+
+
+def issue_join_secret(cur, instance_id: str, secret_hash: str, secret_prefix: str, ttl_s: float):
+    """Store the instance's join secret, replacing any earlier one; returns its expiry."""
+    cur.execute("""
+        INSERT INTO join_secrets (instance_id, secret_hash, secret_prefix, expires_at)
+        VALUES (%(i)s, %(h)s, %(p)s, now() + make_interval(secs => %(ttl)s))
+        ON CONFLICT (instance_id) DO UPDATE
+            SET secret_hash = EXCLUDED.secret_hash, secret_prefix = EXCLUDED.secret_prefix,
+                created_at = now(), expires_at = EXCLUDED.expires_at, used_at = NULL
+        RETURNING expires_at""", {"i": instance_id, "h": secret_hash, "p": secret_prefix, "ttl": float(ttl_s)})
+    return cur.fetchone()["expires_at"]
+
+
+def use_join_secret(cur, secret_hash: str) -> str | None:
+    """Mark the secret used if it is unused and unexpired; returns its instance id, else
+    None. Runs in the register's transaction: a refusal later in it rolls the use back,
+    and of two concurrent uses only one gets a row."""
+    cur.execute("""UPDATE join_secrets SET used_at = now()
+                   WHERE secret_hash = %s AND used_at IS NULL AND expires_at > now()
+                   RETURNING instance_id""", (secret_hash,))
     row = cur.fetchone()
     return row["instance_id"] if row else None
 
 
-def issue_bootstrap_token(cur, instance_id: str, token_hash: str, token_prefix: str) -> bool:
-    """Store a first token for the instance unless an active one exists (race-safe: of two
-    concurrent bootstraps only one gets a row back)."""
-    cur.execute("""
-        INSERT INTO worker_auth_tokens (instance_id, token_hash, token_prefix, last_used_at)
-        VALUES (%s, %s, %s, now())
-        ON CONFLICT (instance_id) DO UPDATE
-            SET token_hash = EXCLUDED.token_hash, token_prefix = EXCLUDED.token_prefix,
-                created_at = now(), last_used_at = now(), rotated_at = NULL, revoked_at = NULL
-            WHERE worker_auth_tokens.revoked_at IS NOT NULL
-        RETURNING instance_id""", (instance_id, token_hash, token_prefix))
-    return cur.fetchone() is not None
+# -- worker tokens -----------------------------------------------------------------------
 
 
 def rotate_token(cur, instance_id: str, token_hash: str, token_prefix: str) -> None:
+    """Make this the instance's only token (a rotation, or an enrolment with a join secret)."""
     cur.execute("""
         INSERT INTO worker_auth_tokens (instance_id, token_hash, token_prefix, rotated_at)
         VALUES (%s, %s, %s, now())
@@ -98,7 +145,10 @@ def rotate_token(cur, instance_id: str, token_hash: str, token_prefix: str) -> N
 
 
 def touch_token(cur, instance_id: str) -> None:
-    cur.execute("UPDATE worker_auth_tokens SET last_used_at = now() WHERE instance_id = %s", (instance_id,))
+    """Refresh ``last_used_at``, at most once a minute (heartbeats would rewrite it every call)."""
+    cur.execute("""UPDATE worker_auth_tokens SET last_used_at = now() WHERE instance_id = %s
+                   AND (last_used_at IS NULL OR last_used_at < now() - interval '60 seconds')""",
+                (instance_id,))
 
 
 # -- workers -----------------------------------------------------------------------------

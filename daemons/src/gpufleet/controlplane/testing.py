@@ -42,15 +42,20 @@ class ControlPlaneClient:
         self.url = url
         self.db = database_url
         self.redis = redis_client
+        self.join_secrets: dict[str, str] = {}  # instance id -> the join secret its add returned
 
     def admin(self, method: str, path: str, **kw):
         import requests  # noqa: PLC0415 - a test dependency
 
         return requests.request(method, self.url + path, headers=ADMIN_HEADERS, timeout=10, **kw)
 
-    def add_instance(self, instance_id: str, **kw):
-        resp = self.admin("POST", "/v1/admin/instances", json={"instance_id": instance_id, **kw})
+    def add_instance(self, instance_id: str, model_id: str = "m1", **kw):
+        """Add the instance (for ``model_id``); keeps the join secret it returns."""
+        resp = self.admin("POST", "/v1/admin/instances", json={"instance_id": instance_id, "model_id": model_id,
+                                                               **kw})
         assert resp.status_code in (200, 201), resp.text
+        if resp.status_code == 201:
+            self.join_secrets[instance_id] = resp.json()["join_secret"]
         return resp
 
     def register(self, instance_id: str, worker_id: str | None = None, token: str | None = None, **overrides):
@@ -61,10 +66,11 @@ class ControlPlaneClient:
                                                                                         **overrides),
                              headers=headers, timeout=10)
 
-    def bootstrap(self, instance_id: str) -> str:
-        """Add the instance, register it without a token, return the bootstrap token."""
-        self.add_instance(instance_id)
-        resp = self.register(instance_id)
+    def enrol(self, instance_id: str, model_id: str = "m1", **overrides) -> str:
+        """Add the instance and register it with its join secret (the real enrolment);
+        returns the worker token."""
+        self.add_instance(instance_id, model_id)
+        resp = self.register(instance_id, token=self.join_secrets[instance_id], model_id=model_id, **overrides)
         assert resp.status_code == 200, resp.text
         return resp.json()["bootstrap_token"]
 
@@ -86,6 +92,26 @@ class ControlPlaneClient:
                 return cur.fetchall() if cur.description else None
         finally:
             conn.close()
+
+
+def enrol_instance(cp_url: str, instance_id: str, model_id: str, secret_dir, *,
+                   worker_ids: list[str] | None = None, admin_token: str = ADMIN_TOKEN) -> str:
+    """What the role does for a new worker: add the instance through the admin API and
+    hand its join secret over in a 0600 file; returns the file's path (the agent's
+    ``WORKER_JOIN_SECRET_FILE``)."""
+    import requests  # noqa: PLC0415
+
+    from gpufleet.common.secretfile import write_secret_file  # noqa: PLC0415
+
+    body = {"instance_id": instance_id, "model_id": model_id}
+    if worker_ids:
+        body["worker_ids"] = worker_ids
+    resp = requests.post(cp_url + "/v1/admin/instances", json=body,
+                         headers={"Authorization": f"Bearer {admin_token}"}, timeout=10)
+    assert resp.status_code == 201, resp.text
+    path = str(Path(secret_dir) / f"{instance_id}.join-secret")
+    write_secret_file(path, resp.json()["join_secret"])
+    return path
 
 
 def cp_env(database_url: str, redis_url: str, admin_token: str = ADMIN_TOKEN, **overrides) -> dict:
