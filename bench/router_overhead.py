@@ -13,7 +13,14 @@ Then measures each path (direct, nginx, router) with the same tools:
     keep-alive connections and timing each request from its *scheduled* send time (so a stall
     is not hidden by coordinated omission); p50/p99, and what each path adds to direct.
 
+With ``--baseline DIR`` (a checkout of other code, e.g. ``git worktree add /tmp/base main``),
+a second router runs that checkout's ``daemons/src`` beside this one, measured the same way
+in the same run: the table gains a ``router (baseline)`` row and the CPU ratio new/baseline.
+``--rounds N`` alternates the saturation runs N times and reports medians (less noise on a
+shared machine).
+
 Usage: bench/router_overhead.py [--duration 8] [--rate 200] [--processes N] [--connections 64]
+                                [--baseline DIR] [--rounds N]
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from gpufleet.controlplane.publisher import Publisher
 
 BIN = Path(sys.executable).parent
 MODEL = "bench-model"
+BASELINE = "router (baseline)"
 API_KEY = "gfk_bench_" + "x" * 32
 BODY = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 8})
 ANSWER = json.dumps({"id": "chatcmpl-bench", "object": "chat.completion", "created": 0, "model": MODEL,
@@ -225,6 +233,8 @@ def main() -> int:
     parser.add_argument("--latency-seconds", type=float, default=10.0)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="router processes")
+    parser.add_argument("--baseline", type=Path, help="a checkout whose router is measured beside this one")
+    parser.add_argument("--rounds", type=int, default=1, help="alternating saturation runs; medians reported")
     args = parser.parse_args()
     for tool in ("nginx", "wrk", "redis-server"):
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
@@ -245,23 +255,35 @@ def main() -> int:
         publisher = Publisher(client, RedisKeys(), heartbeat_interval_s=3600)
         publisher.publish_worker("bench-w1", MODEL, f"http://127.0.0.1:{backend}")
         publisher.publish_api_key(sha256_hex(API_KEY), "bench", "bench")
-        router_proc = procs.start("router", [str(BIN / "gpufleet-router")], {
-            "GPUFLEET_REDIS_URL": redis_url, "GPUFLEET_BIND": f"127.0.0.1:{router}",
-            "GPUFLEET_ROUTER_PROCESSES": str(args.processes), "GPUFLEET_LOG_LEVEL": "WARNING"})
-        wait_port(router)
+        router_env = {"GPUFLEET_REDIS_URL": redis_url, "GPUFLEET_ROUTER_PROCESSES": str(args.processes),
+                      "GPUFLEET_LOG_LEVEL": "WARNING"}
+        router_proc = procs.start("router", [sys.executable, "-m", "gpufleet.router"],
+                                  {**router_env, "GPUFLEET_BIND": f"127.0.0.1:{router}"})
+        cpu_of = {"direct": nginx_proc.pid, "nginx": nginx_proc.pid, "gpufleet-router": router_proc.pid}
+        paths = [("direct", backend), ("nginx", proxy), ("gpufleet-router", router)]
+        if args.baseline:
+            base = free_port()
+            base_proc = procs.start("router-baseline", [sys.executable, "-m", "gpufleet.router"], {
+                **router_env, "GPUFLEET_BIND": f"127.0.0.1:{base}", "GPUFLEET_ROUTER_ID": "baseline",
+                "PYTHONPATH": str(args.baseline.resolve() / "daemons" / "src")})
+            cpu_of[BASELINE] = base_proc.pid
+            paths.insert(2, (BASELINE, base))
+        for _, port in paths:
+            wait_port(port)
         time.sleep(1.0)
 
-        paths = [("direct", backend), ("nginx", proxy), ("gpufleet-router", router)]
         # warm-up (connection pools, the router's key cache and lease script)
         for _, port in paths:
             wrk(f"http://127.0.0.1:{port}/v1/chat/completions", 2, 16, tmp)
         # CPU per request: nginx's one process serves both the backend and the proxy; for the
         # router, its own processes only (the backend's share is what "direct" costs)
-        cpu_of = {"direct": nginx_proc.pid, "nginx": nginx_proc.pid, "gpufleet-router": router_proc.pid}
-        rps, cpu = {}, {}
-        for name, port in paths:
-            rps[name], cpu[name] = wrk(f"http://127.0.0.1:{port}/v1/chat/completions", args.duration,
-                                       args.connections, tmp, cpu_of[name])
+        runs: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in paths}
+        for _ in range(args.rounds):
+            for name, port in paths:
+                runs[name].append(wrk(f"http://127.0.0.1:{port}/v1/chat/completions", args.duration,
+                                      args.connections, tmp, cpu_of[name]))
+        rps = {name: statistics.median(r for r, _ in got) for name, got in runs.items()}
+        cpu = {name: statistics.median(c for _, c in got) for name, got in runs.items()}
         lat = {name: OpenLoop(port, "/v1/chat/completions", args.rate, args.latency_seconds).run()
                for name, port in paths}
     finally:
@@ -273,16 +295,21 @@ def main() -> int:
     print(f"\nrouter overhead on {os.cpu_count()} cores; router processes: {args.processes}; "
           f"wrk -t2 -c{args.connections} -d{args.duration}s; latency: open loop at {args.rate:.0f} req/s "
           f"for {args.latency_seconds:.0f} s")
-    print(f"{'path':<16} {'req/s':>9} {'vs nginx':>9} {'CPU us/req':>11} {'p50 ms':>8} {'p99 ms':>8} "
+    print(f"{'path':<18} {'req/s':>9} {'vs nginx':>9} {'CPU us/req':>11} {'p50 ms':>8} {'p99 ms':>8} "
           f"{'+p50 ms':>8} {'+p99 ms':>8} {'+p50 vs nginx':>14}")
     for name, _ in paths:
         p50, p99 = lat[name]
         added50, added99 = p50 - d50, p99 - d99
         ref = (n50 - d50) or 1e-9
-        print(f"{name:<16} {rps[name]:>9.0f} {rps[name] / rps['nginx']:>8.2f}x {cpu[name]:>11.0f} {p50:>8.2f} "
+        print(f"{name:<18} {rps[name]:>9.0f} {rps[name] / rps['nginx']:>8.2f}x {cpu[name]:>11.0f} {p50:>8.2f} "
               f"{p99:>8.2f} {added50:>8.2f} {added99:>8.2f} {(added50 / ref if name != 'direct' else 0):>13.1f}x")
     print("CPU us/req: direct and nginx = the nginx process (backend, plus proxy for 'nginx'); "
           "gpufleet-router = its own processes (not Redis, not the backend)")
+    if args.baseline:
+        print(f"router vs baseline: CPU per request {cpu['gpufleet-router'] / cpu[BASELINE]:.3f}x, "
+              f"req/s {rps['gpufleet-router'] / rps[BASELINE]:.3f}x, p50 {lat['gpufleet-router'][0]:.2f} vs "
+              f"{lat[BASELINE][0]:.2f} ms, p99 {lat['gpufleet-router'][1]:.2f} vs {lat[BASELINE][1]:.2f} ms "
+              f"(medians of {args.rounds} alternating saturation run(s))")
     return 0
 
 

@@ -97,3 +97,68 @@ def test_redis_outage_under_load(daemons, own_redis):
 
 def _key_record(fleet):
     return sha256_hex(fleet.key), "k-again", "test"
+
+
+class SlowProxy:
+    """A TCP relay in front of Redis that holds every reply for ``delay`` seconds."""
+
+    def __init__(self, target_port: int):
+        import socket
+        self.target_port = target_port
+        self.delay = 0.0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import socket
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target_port))
+            threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
+
+    def _pump(self, src, dst, delayed: bool):
+        try:
+            while data := src.recv(65536):
+                if delayed and self.delay:
+                    time.sleep(self.delay)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+
+def test_slow_redis_costs_requests_at_most_the_budget_and_says_degraded(daemons, own_redis):
+    proxy = SlowProxy(own_redis.port)
+    fleet = RouterFleet(daemons, own_redis.url)
+    fleet.sim("w1")
+    router = fleet.router(processes=1, redis_url=f"redis://127.0.0.1:{proxy.port}/0",
+                          GPUFLEET_ROUTER_REFRESH_INTERVAL_S=1)
+    assert all(router.chat(max_tokens=2).status_code == 200 for _ in range(5))
+    assert router.readyz()["status"] == "ok"
+
+    proxy.delay = 0.3  # Redis answers, but slowly (issue 8: this doubled every request's latency)
+    wait_until(lambda: router.chat(max_tokens=2).status_code == 200 and router.readyz()["status"] == "degraded",
+               timeout=15, what="/readyz to say degraded")
+    assert router.readyz()["reason"] == "redis slow"
+    assert metric_sum(router.metrics(), "gpufleet_router_degraded", reason="redis slow") == 1
+    took = []
+    for _ in range(10):
+        started = time.monotonic()
+        assert router.chat(max_tokens=2).status_code == 200
+        took.append(time.monotonic() - started)
+    # served from the local fallback: no request waits for a 0.3 s Redis round-trip
+    assert sorted(took)[5] < 0.3, took
+
+    proxy.delay = 0.0
+    wait_until(lambda: router.readyz()["status"] == "ok", timeout=15, what="/readyz to say ok again")
+    assert metric_sum(router.metrics(), "gpufleet_router_degraded") == 0

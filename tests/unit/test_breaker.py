@@ -99,3 +99,51 @@ def test_many_workers_fit_and_stay_apart():
     for wid in ids[::2]:
         b.failure(wid)
     assert {w for w, s in b.snapshot().items() if s == OPEN} == set(ids[::2])
+
+
+def test_ids_sharing_a_long_prefix_have_their_own_breakers():
+    b = Breakers(BreakerTable(slots=64, shared=False), threshold=1, cooldown_s=60, probe_timeout_s=10)
+    prefix = "worker-" + "x" * 120
+    b.failure(prefix + "-a")
+    assert b.state(prefix + "-a") == OPEN
+    assert b.state(prefix + "-b") == CLOSED and b.is_closed(prefix + "-b")
+
+
+def test_a_worker_that_leaves_frees_its_slot_for_another():
+    table = BreakerTable(slots=8, shared=False)
+    b = Breakers(table, threshold=1, cooldown_s=60, probe_timeout_s=10)
+    for i in range(8):
+        b.failure(f"w{i}")
+    assert all(b.state(f"w{i}") == OPEN for i in range(8))
+    b.failure("newcomer")  # the table is full: untracked (never broken), and that is said once
+    assert b.state("newcomer") == CLOSED
+    b.forget("w3")
+    assert b.state("w3") == CLOSED
+    b.failure("newcomer")
+    assert b.state("newcomer") == OPEN
+    assert all(b.state(f"w{i}") == OPEN for i in range(8) if i != 3)  # the others kept their records
+
+
+def test_forget_in_one_process_is_seen_by_another():
+    table = BreakerTable(slots=64, shared=True)
+    b = Breakers(table, threshold=1, cooldown_s=60, probe_timeout_s=10)
+    b.failure("leaving")
+    assert b.state("leaving") == OPEN  # cached slot in this process
+    pid = os.fork()
+    if pid == 0:
+        b.forget("leaving")
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert b.state("leaving") == CLOSED
+
+
+def test_a_lookup_in_a_full_table_looks_at_a_bounded_number_of_slots():
+    table = BreakerTable(slots=2048, shared=False)
+    b = Breakers(table, threshold=1, cooldown_s=60, probe_timeout_s=10)
+    for i in range(2048):
+        b.failure(f"w{i}")
+    looked = []
+    holds = table._holds
+    table._holds = lambda slot, digest: looked.append(slot) or holds(slot, digest)
+    assert b.state("absent") == CLOSED
+    assert 0 < len(looked) <= 32  # the old table scanned all 2048 slots (~1 ms per lookup)

@@ -36,7 +36,6 @@ from gevent import monkey
 from .retry import Outcome, classify_status
 
 _poll = monkey.get_original("select", "poll")
-_POLLIN = 0x001
 _DEAD_IF = 0x001 | 0x008 | 0x010 | 0x2000  # readable (an idle connection has nothing to say), ERR, HUP, RDHUP
 
 _HOP_BY_HOP = frozenset(("connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
@@ -65,12 +64,13 @@ class TooLarge(Exception):
 
 
 class _Conn:
-    __slots__ = ("sock", "rfile", "idle_since")
+    __slots__ = ("sock", "rfile", "idle_since", "_poller")
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
         self.rfile = sock.makefile("rb", buffering=_READ)
         self.idle_since = 0.0
+        self._poller = None
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -81,9 +81,10 @@ class _Conn:
     def looks_alive(self) -> bool:
         """An idle kept-alive connection has nothing to read: readable means the worker
         closed it (or sent bytes nobody asked for). One non-blocking ``poll``."""
-        poller = _poll()
-        poller.register(self.sock.fileno(), _DEAD_IF)
-        return not poller.poll(0)
+        if self._poller is None:
+            self._poller = _poll()
+            self._poller.register(self.sock.fileno(), _DEAD_IF)
+        return not self._poller.poll(0)
 
 
 class _Pool:
