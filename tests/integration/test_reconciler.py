@@ -243,7 +243,7 @@ def test_scaling_loop_decides_stores_actuates_and_drains_the_least_loaded(fleet,
                      GPUFLEET_SCALING_ACTUATOR="command", GPUFLEET_SCALING_COMMAND=str(script),
                      GPUFLEET_SCALING_MIN_REPLICAS="1", GPUFLEET_SCALING_MAX_REPLICAS="3",
                      GPUFLEET_SCALING_DOWN_STABLE_S="0", GPUFLEET_SCALING_DOWN_COOLDOWN_S="0",
-                     GPUFLEET_SCALING_UP_COOLDOWN_S="0")
+                     GPUFLEET_SCALING_UP_COOLDOWN_S="0", GPUFLEET_SCALING_DRAIN_TIMEOUT_S="1")
     # quiet: the least-loaded worker (w2) is drained and the command is told
     wait_until(lambda: calls.exists() and calls.read_text().strip(), timeout=20, what="the actuation command")
     decision = json.loads(calls.read_text().splitlines()[0])

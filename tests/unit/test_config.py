@@ -17,6 +17,14 @@ def test_malformed_int_and_range():
     assert Env({"N": " 7 "}).int("N", 1) == 7
 
 
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "Infinity"])
+def test_float_refuses_nan_and_infinity(value):
+    with pytest.raises(ConfigError, match="is not a finite number"):
+        Env({"TARGET": value}).float("TARGET", 4.0, minimum=0.1)
+    with pytest.raises(ConfigError, match="is not a finite number"):
+        Env({"TARGET": value}).float("TARGET", 4.0)
+
+
 def test_url_rejects_non_http_and_hides_passwords():
     with pytest.raises(ConfigError) as info:
         Env({"U": "ftp://user:secret@x"}).url("U")

@@ -1,4 +1,6 @@
-"""The scaling policy: bounds, cool-downs, hysteresis, least-loaded drain choice."""
+"""The scaling policy: bounds, cool-downs, hysteresis, least-loaded drain choice, steps, back-off."""
+
+import pytest
 
 from gpufleet.common.config import ConfigError, Env
 from gpufleet.controlplane.scaling import (
@@ -103,3 +105,59 @@ def test_settings_validation():
             assert message in str(exc)
         else:
             raise AssertionError(f"{env} was accepted")
+
+
+def test_the_largest_step_any_signal_asks_for_wins():
+    # 5 replicas, TTFT at 1.8 × SLO asks for ceil(5 × 1.8) = 9; the queue (24 / 4) asks for 6
+    wide = ScalingSettings(**{**S.__dict__, "max_replicas": 20})
+    workers = [(24 / 5, 1, 50, 1800)] * 5
+    d, _ = decide(load(*workers), ScalingState(), wide, now=0)
+    assert (d.action, d.desired_replicas) == ("scale_up", 9)
+    # the same TTFT with a deep queue: the queue's ask (80 / 4 = 20) wins
+    d, _ = decide(load(*[(16, 1, 50, 1800)] * 5), ScalingState(), wide, now=0)
+    assert d.desired_replicas == 20
+
+
+def test_a_failed_action_is_held_for_the_backoff_and_the_other_direction_is_not():
+    quiet = load((0, 0, 5, 50), (0, 0, 5, 50))
+    backing = ScalingState(low_since=0, backoff_action="scale_down", backoff_until=500)
+    d, state = decide(quiet, backing, S, now=400)
+    assert d.action == "none" and "backing off" in d.reason and d.drain_worker_id is None
+    assert state.low_since == 0  # the quiet streak keeps counting
+    d, _ = decide(quiet, state, S, now=501)
+    assert d.action == "scale_down"
+    d, _ = decide(load((0, 1, 50, 1500)), backing, S, now=400)
+    assert d.action == "scale_up"
+
+
+def test_desired_replicas_stays_the_last_actions_target_while_it_is_reached():
+    d, state = decide(load((10, 4, 50, 200), (10, 4, 50, 200)), ScalingState(), S, now=1000)
+    assert d.desired_replicas == 4 and state.target_replicas == 4
+    d, state = decide(load((1, 1, 50, 200), (1, 1, 50, 200), (1, 1, 50, 200)), state, S, now=1010)
+    assert d.action == "none" and (d.current_replicas, d.desired_replicas) == (3, 4)
+    d, _ = decide(load((1, 1, 50, 200), (1, 1, 50, 200), (1, 1, 50, 200)), state, S, now=1061)  # cool-down over
+    assert d.desired_replicas == 3
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"GPUFLEET_SCALING_TARGET_QUEUE": "nan"}, "not a finite number"),
+    ({"GPUFLEET_SCALING_TTFT_SLO_MS": "inf"}, "not a finite number"),
+    ({"GPUFLEET_SCALING_ACTUATOR": "command", "GPUFLEET_SCALING_COMMAND": "ansible-playbook 'scale.yml"},
+     "cannot be parsed"),
+    ({"GPUFLEET_SCALING_ACTUATOR": "command", "GPUFLEET_SCALING_COMMAND": "no-such-scaler-program --up"},
+     "not found on PATH"),
+    ({"GPUFLEET_SCALING_ACTUATOR": "command", "GPUFLEET_SCALING_COMMAND": "/nonexistent/scale.sh"},
+     "not an executable file"),
+    ({"GPUFLEET_SCALING_MIN_REPLICAS": "0"}, "MIN_REPLICAS=0 is not supported"),
+])
+def test_bad_settings_are_refused_at_start(env, message):
+    with pytest.raises(ConfigError, match=message):
+        ScalingSettings.from_env(Env(env))
+
+
+def test_a_command_is_parsed_and_resolved_at_start():
+    settings = ScalingSettings.from_env(Env({"GPUFLEET_SCALING_ACTUATOR": "command",
+                                             "GPUFLEET_SCALING_COMMAND": "sh -c 'echo \"scale it\"'"}))
+    assert settings.command_argv == ["sh", "-c", 'echo "scale it"']
+    assert ScalingSettings.from_env(Env({"GPUFLEET_SCALING_MIN_REPLICAS": "0",
+                                         "GPUFLEET_SCALING_ENABLED": "false"})).min_replicas == 0

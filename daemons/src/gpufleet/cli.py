@@ -224,11 +224,35 @@ def cmd_keys_revoke(args, client: Client):
 
 
 def cmd_scaling(args, client: Client):
-    _, data = client.call("GET", "/v1/admin/scaling", params={"limit": args.limit})
-    emit(args, data, f"scaling: {'on' if data['enabled'] else 'off'}, actuator {data['actuator']}\n" + table(
-        data["decisions"], [("decided_at", "WHEN"), ("model_id", "MODEL"), ("action", "ACTION"),
-                            ("current_replicas", "FROM"), ("desired_replicas", "TO"),
-                            ("drain_worker_id", "DRAIN"), ("reason", "REASON")]))
+    params = {"limit": args.limit, **({"model_id": args.model} if args.model else {})}
+    _, data = client.call("GET", "/v1/admin/scaling", params=params)
+    source = data.get("settings_source") or {}
+    actuator = data["actuator"] + (" (advisory: nothing is drained or started)" if data.get("advisory") else "")
+    head = f"scaling: {'on' if data['enabled'] else 'off'}, actuator {actuator}" + (
+        f", leader {source['reconciler']}" if source.get("reconciler") else "")
+    rows = [{**d, "step": _step(d), "outcome": "advisory" if d.get("advisory") else d.get("outcome"),
+             "error": _one_line(d.get("actuation_error"))} for d in data["decisions"]]
+    emit(args, data, head + "\n" + table(rows, [
+        ("decided_at", "WHEN"), ("decision_id", "ID"), ("model_id", "MODEL"), ("action", "ACTION"),
+        ("current_replicas", "FROM"), ("desired_replicas", "TO"), ("drain_worker_id", "DRAIN"),
+        ("actuator", "ACTUATOR"), ("step", "STEP"), ("outcome", "OUTCOME"), ("error", "ERROR"),
+        ("reason", "REASON")]))
+
+
+def _step(d: dict) -> str | None:
+    step = d.get("step")
+    if step == "draining" and d.get("drain_inflight") is not None:
+        return f"draining ({d['drain_inflight']} in flight)"
+    if step == "failed" and d.get("undrained"):
+        return "failed, undrained"
+    return step
+
+
+def _one_line(text: str | None, limit: int = 80) -> str | None:
+    if not text:
+        return None
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[:limit - 1] + "…"
 
 
 def cmd_db_migrate(args, _client=None):
@@ -298,7 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("list", cmd_keys_list, "list keys (never the keys themselves)", keys).add_argument(
         "--all", action="store_true", help="include revoked keys")
     add("revoke", cmd_keys_revoke, "revoke a key at once", keys).add_argument("key_id")
-    add("scaling", cmd_scaling, "recent scaling decisions").add_argument("--limit", type=int, default=20)
+    p = add("scaling", cmd_scaling, "recent scaling decisions: actuator, step, outcome, error")
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--model", help="only this model's decisions")
     db = sub.add_parser("db", help="the control plane's database").add_subparsers(dest="sub", required=True,
                                                                                   metavar="migrate")
     add("migrate", cmd_db_migrate, "apply pending schema migrations (GPUFLEET_DATABASE_URL)", db)

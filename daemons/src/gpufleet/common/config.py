@@ -8,6 +8,7 @@ variable and gives an example; :func:`exit_on_config_error` turns it into exit c
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -69,6 +70,10 @@ class Env:
             number = float(value)
         except ValueError:
             raise ConfigError(f"{name}={value!r} is not a number: set it to e.g. {default or 1.0}") from None
+        if not math.isfinite(number):
+            # nan compares false with every bound, so it would pass the range checks and
+            # silently disable whatever the setting drives
+            raise ConfigError(f"{name}={value!r} is not a finite number: set it to e.g. {default or 1.0}")
         _check_range(name, number, minimum, maximum)
         return number
 

@@ -19,7 +19,7 @@ from gpufleet.common.ids import (
     same_hash,
     sha256_hex,
 )
-from gpufleet.controlplane import keystore, store
+from gpufleet.controlplane import keystore, scaling_report, store
 from gpufleet.controlplane.api_base import ApiError, bearer_token, publish, read_json, services
 from gpufleet.controlplane.routability import assess_row
 from gpufleet.controlplane.validation import PayloadError, ident, integer, model, text
@@ -314,21 +314,4 @@ def scaling():
         raise PayloadError("limit", "limit must be a whole number") from None
     model_id = request.args.get("model_id") or None
     with services().db.cursor() as cur:
-        cur.execute("""SELECT * FROM scaling_decisions WHERE (%s::text IS NULL OR model_id = %s)
-                       ORDER BY decided_at DESC, decision_id DESC LIMIT %s""", (model_id, model_id, limit))
-        rows = cur.fetchall()
-        cur.execute("""SELECT DISTINCT ON (model_id) * FROM scaling_decisions
-                       ORDER BY model_id, decided_at DESC, decision_id DESC""")
-        latest = cur.fetchall()
-
-    def as_json(r):
-        return {"decision_id": r["decision_id"], "model_id": r["model_id"], "decided_at": _iso(r["decided_at"]),
-                "current_replicas": r["current_replicas"], "desired_replicas": r["desired_replicas"],
-                "action": r["action"], "reason": r["reason"], "inputs": r["inputs"],
-                "drain_worker_id": r["drain_worker_id"], "actuator": r["actuator"],
-                "actuation_ok": r["actuation_ok"], "actuation_error": r["actuation_error"]}
-
-    settings = services().config.scaling
-    return jsonify({"enabled": settings.enabled, "actuator": settings.actuator,
-                    "latest": {r["model_id"]: as_json(r) for r in latest},
-                    "decisions": [as_json(r) for r in rows]})
+        return jsonify(scaling_report.report(cur, model_id, limit, services().config.scaling))

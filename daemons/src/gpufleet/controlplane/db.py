@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 # Advisory lock keys (one namespace for gpufleet): migrations and reconciler leadership.
 LOCK_MIGRATIONS = 0x67660001
 LOCK_RECONCILER_LEADER = 0x67660002
+# two-key form (this, hashtext(model_id)): the scaling sequence of one model
+LOCK_SCALING_MODEL = 0x67660003
 
 psycopg2.extras.register_default_jsonb(globally=True)
 

@@ -40,19 +40,13 @@ class FleetCollector:
         self.stale_after_s = stale_after_s
 
     def collect(self):
-        from gpufleet.controlplane import store  # noqa: PLC0415 - keep the import graph flat
+        from gpufleet.controlplane import scaling_report, store  # noqa: PLC0415 - keep the import graph flat
 
         workers = GaugeMetricFamily("gpufleet_workers", "Known workers by health", labels=["health"])
         reported = GaugeMetricFamily("gpufleet_workers_reported_status",
                                      "Known workers by the status of their last heartbeat", labels=["status"])
         routable = GaugeMetricFamily("gpufleet_model_routable_workers", "Routable workers per model",
                                      labels=["model_id"])
-        desired = GaugeMetricFamily("gpufleet_scaling_desired_replicas",
-                                    "Desired replicas of the last scaling decision", labels=["model_id"])
-        current = GaugeMetricFamily("gpufleet_scaling_current_replicas",
-                                    "Replicas seen by the last scaling decision", labels=["model_id"])
-        decided = GaugeMetricFamily("gpufleet_scaling_last_decision_timestamp_seconds",
-                                    "Time of the last scaling decision", labels=["model_id", "action"])
         cycle = GaugeMetricFamily("gpufleet_reconciler_last_cycle_timestamp_seconds",
                                   "When the leading reconciler last completed a cycle")
         cycle_ms = GaugeMetricFamily("gpufleet_reconciler_last_cycle_duration_seconds",
@@ -61,10 +55,7 @@ class FleetCollector:
         try:
             with self.db.cursor() as cur:
                 rows = store.list_workers(cur)
-                cur.execute("""SELECT DISTINCT ON (model_id) model_id, desired_replicas, current_replicas, action,
-                                      extract(epoch FROM decided_at)::float8 AS ts
-                               FROM scaling_decisions ORDER BY model_id, decided_at DESC""")
-                decisions = cur.fetchall()
+                scaling = scaling_report.metric_families(cur)
                 cur.execute("SELECT extract(epoch FROM last_cycle_at)::float8 AS ts, last_cycle_ms "
                             "FROM reconciler_state")
                 reconciler = cur.fetchone()
@@ -90,11 +81,7 @@ class FleetCollector:
             reported.add_metric([status], n)
         for model_id, n in sorted(per_model.items()):
             routable.add_metric([model_id], n)
-        for d in decisions:
-            desired.add_metric([d["model_id"]], d["desired_replicas"])
-            current.add_metric([d["model_id"]], d["current_replicas"])
-            decided.add_metric([d["model_id"], d["action"]], d["ts"])
-        families = [up, workers, reported, routable, desired, current, decided]
+        families = [up, workers, reported, routable, *scaling]
         if reconciler is not None:  # absent until a reconciler has led once
             cycle.add_metric([], reconciler["ts"])
             cycle_ms.add_metric([], reconciler["last_cycle_ms"] / 1000)

@@ -34,6 +34,8 @@ from gpufleet.controlplane.leader import LeaderLock, identity
 from gpufleet.controlplane.prober import new_http, probe_many
 from gpufleet.controlplane.publisher import Publisher
 from gpufleet.controlplane.routability import assess_row
+from gpufleet.controlplane.scaler import Scaler
+from gpufleet.controlplane.scaling import describe as describe_scaling
 
 log = logging.getLogger("gpufleet.reconciler")
 
@@ -124,11 +126,11 @@ def run(config: ControlPlaneConfig, stop: threading.Event) -> None:
                                   socket_connect_timeout=5, health_check_interval=30)
     publisher = Publisher(client, RedisKeys(config.redis_prefix), config.heartbeat_interval_s)
     reconciler = Reconciler(config, db, publisher)
-    from gpufleet.controlplane.scaler import Scaler  # noqa: PLC0415 - the scaling loop is optional
-
-    scaler = Scaler(config.scaling, db, publisher, config.stale_after_s) if config.scaling.enabled else None
-    lock = LeaderLock(config.database_url)
     me = identity()
+    # also when disabled: it publishes the leader's settings and settles unfinished sequences
+    scaler = Scaler(config.scaling, db, publisher, config.stale_after_s, http=reconciler.http,
+                    probe_timeout_s=config.probe_timeout_s, me=me)
+    lock = LeaderLock(config.database_url)
     leader_since = 0.0
     waiting_logged = False
     try:
@@ -139,8 +141,6 @@ def run(config: ControlPlaneConfig, stop: threading.Event) -> None:
                     leader_since = time.time()
                     waiting_logged = False
                     log.info("leader: %s now leads the reconcilers", me)
-                    if scaler:
-                        scaler.restore()
                 else:
                     if not waiting_logged:
                         log.info("follower: another reconciler leads; %s waits to take over", me)
@@ -149,19 +149,20 @@ def run(config: ControlPlaneConfig, stop: threading.Event) -> None:
                     continue
             elif not lock.still_held():
                 log.error("leader: %s lost leadership; back to following", me)
+                scaler.step_down()
                 continue
             try:
                 summary = reconciler.reconcile_once()
                 reconciler.record_cycle(me, leader_since, summary)
                 log.debug("cycle: %s", summary)
-                if scaler:
-                    scaler.maybe_run(time.time())
+                scaler.maybe_run(time.time())
             except (redis.RedisError, OSError) as exc:
                 log.error("cycle failed (redis): %s", exc)
             except Exception:  # noqa: BLE001 - one bad cycle must not kill the loop
                 log.exception("cycle failed")
             stop.wait(max(0.0, config.reconcile_interval_s - (time.monotonic() - cycle_start)))
     finally:
+        scaler.shutdown()
         lock.release()
         db.close()
         client.close()
@@ -173,6 +174,7 @@ def main() -> None:
     config = ControlPlaneConfig.from_env(need_admin_token=False)
     setup_logging("gpufleet.reconciler", config.log_level)
     log.info("reconciler %s: %s", identity(), config.describe())
+    log.info("scaling: %s", describe_scaling(config.scaling))
     stop = threading.Event()
 
     def on_signal(signum, frame):

@@ -1,99 +1,101 @@
-"""The scaling loop (run by the leading reconciler): per model, ``scaling.decide`` on the
-routable workers' load, then store the decision and actuate it.
+"""The scaling loop, run by the leading reconciler: per model, ``scaling.decide`` on the
+routable workers' load, then the decision's steps, each persisted before it starts.
 
-Actuation (``GPUFLEET_SCALING_ACTUATOR``):
-- ``log`` (default): advisory — decisions are logged, stored and exported, nothing is
-  drained or started (a drained worker nobody removes would be lost capacity);
-- ``webhook``: POST the decision as JSON to ``GPUFLEET_SCALING_WEBHOOK_URL``;
-- ``command``: run ``GPUFLEET_SCALING_COMMAND`` (e.g. an ``ansible-playbook``) with the
-  decision as JSON on stdin and in ``GPUFLEET_SCALE_*`` variables.
-With ``webhook`` and ``command`` a scale-down first drains the least-loaded worker.
-Actuation runs in a background thread, one at a time per model; the outcome is written
-back to the decision's row.
+scale_down: the decision row, the new policy state and the drain of the chosen worker are
+written in one transaction (step ``draining``) → wait until the agent's ``GET /info``
+says it is draining with 0 requests in flight (or ``drain_timeout_s`` passes) → step
+``actuating`` (owner, deadline, the command's process group recorded) → ``done`` or
+``failed``. A failed or timed-out actuation undrains the worker (unless
+``undrain_on_failure`` is off), records why, and holds that action of that model for
+``failure_backoff_s``. scale_up: ``pending`` → ``actuating`` → ``done``/``failed``.
+With the ``log`` actuator decisions are ``advisory``: stored and logged, nothing drained.
+
+One sequence per model across reconcilers: a unique index admits one unfinished decision
+per model, and the thread running it holds a PostgreSQL advisory lock per model on its
+own connection. A new leader resumes what it finds unfinished; an ``actuating`` step whose
+owner is gone is waited for (while its process group lives, on the same host) up to its
+deadline, then killed and marked failed — never started a second time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import os
-import shlex
-import subprocess
+import socket
 import threading
+import time
+from dataclasses import replace
 
+import psycopg2
+import psycopg2.errors
 import urllib3
 
+from gpufleet.controlplane import scaling_store as sql
 from gpufleet.controlplane import store
+from gpufleet.controlplane.actuators import Outcome, actuate, group_alive, kill_group
+from gpufleet.controlplane.db import LOCK_SCALING_MODEL, connect
 from gpufleet.controlplane.routability import assess_row
 from gpufleet.controlplane.scaling import Decision, ModelLoad, ScalingSettings, ScalingState, WorkerLoad, decide
 
 log = logging.getLogger("gpufleet.scaling")
 
-
-def decision_json(decision: Decision, decision_id: int | None = None) -> dict:
-    return {"decision_id": decision_id, "model_id": decision.model_id,
-            "current_replicas": decision.current_replicas, "desired_replicas": decision.desired_replicas,
-            "action": decision.action, "reason": decision.reason, "drain_worker_id": decision.drain_worker_id,
-            "inputs": decision.inputs}
-
-
-def actuate(settings: ScalingSettings, decision: Decision, decision_id: int | None) -> tuple[bool, str | None]:
-    payload = decision_json(decision, decision_id)
-    if settings.actuator == "log":
-        log.info("scaling (advisory): %s %s → %d replicas: %s", decision.model_id, decision.action,
-                 decision.desired_replicas, decision.reason)
-        return True, None
-    if settings.actuator == "webhook":
-        try:
-            resp = urllib3.request("POST", settings.webhook_url, body=json.dumps(payload).encode(),
-                                   headers={"Content-Type": "application/json"},
-                                   timeout=urllib3.Timeout(connect=5, read=30), retries=False)
-        except urllib3.exceptions.HTTPError as exc:
-            return False, f"webhook: {exc}"[:500]
-        return (200 <= resp.status < 300), (None if resp.status < 300 else f"webhook answered HTTP {resp.status}")
-    env = dict(os.environ)
-    env.update({"GPUFLEET_SCALE_MODEL": decision.model_id, "GPUFLEET_SCALE_ACTION": decision.action,
-                "GPUFLEET_SCALE_CURRENT": str(decision.current_replicas),
-                "GPUFLEET_SCALE_DESIRED": str(decision.desired_replicas),
-                "GPUFLEET_SCALE_DRAIN_WORKER": decision.drain_worker_id or ""})
-    # the daemon's own secrets are not the command's business
-    for name in ("GPUFLEET_DATABASE_URL", "GPUFLEET_REDIS_URL", "GPUFLEET_ADMIN_TOKEN"):
-        env.pop(name, None)
-    try:
-        proc = subprocess.run(shlex.split(settings.command), input=json.dumps(payload), text=True, env=env,
-                              capture_output=True, timeout=3600, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return False, f"command: {exc}"[:500]
-    if proc.returncode != 0:
-        return False, f"command exited {proc.returncode}: {proc.stderr.strip()[-400:]}"
-    return True, None
+_INFO_MAX_BYTES = 64 * 1024
 
 
 class Scaler:
-    def __init__(self, settings: ScalingSettings, db, publisher, stale_after_s: float | None = None):
+    def __init__(self, settings: ScalingSettings, db, publisher, stale_after_s: float | None = None, *,
+                 http: urllib3.PoolManager | None = None, probe_timeout_s: float = 2.0, me: str = "reconciler"):
         self.settings = settings
         self.db = db
         self.publisher = publisher
         self.stale_after_s = stale_after_s if stale_after_s is not None else publisher.heartbeat_interval_s * 3
+        self.http = http or urllib3.PoolManager(retries=False)
+        self.probe_timeout_s = probe_timeout_s
+        self.me = me
+        self.poll_s = min(1.0, max(0.1, settings.interval_s))
         self.states: dict[str, ScalingState] = {}
-        self._last_stored: dict[str, tuple] = {}
-        self._busy: set[str] = set()
+        self._states_lock = threading.Lock()
+        self._busy: dict[str, threading.Thread] = {}
+        self._leading = threading.Event()
+        self._stopping = threading.Event()
         self._next_run = 0.0
 
-    def restore(self) -> None:
-        """A new leader picks up the cool-downs from the stored decisions."""
+    # -- leadership --------------------------------------------------------------------
+
+    def take_over(self) -> None:
+        """A new leader: publish its settings, pick up the policy's state; unfinished
+        sequences are resumed by the next ``maybe_run``."""
         with self.db.cursor() as cur:
-            cur.execute("""SELECT model_id,
-                                  max(extract(epoch FROM decided_at)) FILTER (WHERE action = 'scale_up') AS up,
-                                  max(extract(epoch FROM decided_at)) FILTER (WHERE action = 'scale_down') AS down
-                           FROM scaling_decisions GROUP BY model_id""")
-            for row in cur.fetchall():
-                self.states[row["model_id"]] = ScalingState(
-                    float(row["up"]) if row["up"] is not None else None,
-                    float(row["down"]) if row["down"] is not None else None, None)
+            sql.publish_settings(cur, self.me, self.settings)
+            states = sql.load_states(cur)
+        with self._states_lock:
+            self.states = states
+        self._leading.set()
         self._next_run = 0.0
+
+    def step_down(self) -> None:
+        """Stop waiting on drains (the next leader resumes them); a running command
+        finishes, holding its model's lock, so the next leader waits for it."""
+        self._leading.clear()
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """The reconciler stops: running commands are killed and recorded as failed."""
+        self._leading.clear()
+        self._stopping.set()
+        deadline = time.monotonic() + timeout_s
+        for thread in list(self._busy.values()):
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _halted(self) -> bool:
+        return self._stopping.is_set() or not self._leading.is_set()
+
+    # -- the loop ----------------------------------------------------------------------
 
     def maybe_run(self, now: float) -> list[Decision]:
+        """Called every cycle by the leader (the first call after winning takes over)."""
+        if not self._leading.is_set():
+            self.take_over()
         if now < self._next_run:
             return []
         self._next_run = now + self.settings.interval_s
@@ -113,58 +115,223 @@ class Scaler:
         return [ModelLoad(m, tuple(ws)) for m, ws in sorted(per_model.items())]
 
     def run_once(self, now: float) -> list[Decision]:
+        unfinished = self._resume()
+        if not self.settings.enabled:
+            return []
         decisions = []
         for load in self.loads():
-            if load.model_id in self._busy:
-                continue  # the previous actuation for this model is still running
-            decision, state = decide(load, self.states.get(load.model_id, ScalingState()), self.settings, now)
-            self.states[load.model_id] = state
-            decisions.append(decision)
-            signature = (decision.action, decision.current_replicas, decision.desired_replicas)
-            if decision.action == "none" and self._last_stored.get(load.model_id) == signature:
+            if load.model_id in unfinished or load.model_id in self._busy:
+                continue  # one sequence per model: the unfinished one goes first
+            with self._states_lock:
+                state = self.states.get(load.model_id, ScalingState())
+            decision, new_state = decide(load, state, self.settings, now)
+            decision_id = self.record(decision, new_state)
+            if decision_id is None:
                 continue
-            self._last_stored[load.model_id] = signature
-            decision_id = self._store(decision)
+            decisions.append(decision)
             if decision.action == "none":
                 continue
-            log.info("scaling %s: %s %d → %d (%s)%s", decision.model_id, decision.action,
+            if self.settings.advisory:
+                actuate(self.settings, decision, decision_id)  # logs it as advisory
+                continue
+            log.info("scaling %s: %s %d → %d (%s)%s [decision %d]", decision.model_id, decision.action,
                      decision.current_replicas, decision.desired_replicas, decision.reason,
-                     f", draining {decision.drain_worker_id}" if decision.drain_worker_id else "")
-            if decision.action == "scale_down" and decision.drain_worker_id and self.settings.actuator != "log":
-                self._drain(decision)
-            self._busy.add(decision.model_id)
-            threading.Thread(target=self._actuate, args=(decision, decision_id), daemon=True,
-                             name=f"actuate-{decision.model_id}").start()
+                     f", draining {decision.drain_worker_id}" if decision.drain_worker_id else "", decision_id)
+            self._start(decision.model_id, decision_id)
         return decisions
 
-    def _store(self, decision: Decision) -> int:
-        with self.db.cursor() as cur:
-            cur.execute("""INSERT INTO scaling_decisions (model_id, current_replicas, desired_replicas, action,
-                                                          reason, inputs, drain_worker_id, actuator)
-                           VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING decision_id""",
-                        (decision.model_id, decision.current_replicas, decision.desired_replicas, decision.action,
-                         decision.reason, json.dumps(decision.inputs), decision.drain_worker_id,
-                         self.settings.actuator if decision.action != "none" else None))
-            return cur.fetchone()["decision_id"]
-
-    def _drain(self, decision: Decision) -> None:
-        with self.db.cursor() as cur:
-            row = store.set_desired_status(cur, decision.drain_worker_id, "draining")
-        if row is not None:
-            self.publisher.unpublish_worker(row["worker_id"], row["model_id"], "draining")
-
-    def _actuate(self, decision: Decision, decision_id: int) -> None:
-        try:
-            ok, error = actuate(self.settings, decision, decision_id)
-        except Exception as exc:  # noqa: BLE001 - recorded on the decision
-            ok, error = False, f"{type(exc).__name__}: {exc}"[:500]
-        finally:
-            self._busy.discard(decision.model_id)
-        if not ok:
-            log.error("scaling actuation for %s failed: %s", decision.model_id, error)
+    def record(self, decision: Decision, new_state: ScalingState) -> int | None:
+        """The decision row, the policy's new state and (for a scale-down) the drain, in
+        one transaction; the in-memory state follows only once it is committed."""
+        draining = (decision.action == "scale_down" and decision.drain_worker_id is not None
+                    and not self.settings.advisory)
         try:
             with self.db.cursor() as cur:
-                cur.execute("UPDATE scaling_decisions SET actuation_ok = %s, actuation_error = %s "
-                            "WHERE decision_id = %s", (ok, error, decision_id))
-        except Exception:  # noqa: BLE001
-            log.exception("could not record the actuation outcome")
+                if decision.action == "none":
+                    decision_id = sql.record_none(cur, decision)
+                elif self.settings.advisory:
+                    decision_id = sql.insert_decision(cur, decision, "log", "advisory")
+                else:
+                    decision_id = sql.insert_decision(
+                        cur, decision, self.settings.actuator, "draining" if draining else "pending",
+                        deadline_s=self.settings.drain_timeout_s if draining else None, owner=self.me)
+                    if draining:
+                        sql.drain(cur, decision.drain_worker_id)
+                sql.save_state(cur, decision.model_id, new_state)
+        except psycopg2.errors.UniqueViolation:
+            log.warning("scaling %s: another reconciler has an unfinished decision; not deciding", decision.model_id)
+            return None
+        with self._states_lock:
+            self.states[decision.model_id] = new_state
+        if draining:
+            try:
+                self.publisher.unpublish_worker(decision.drain_worker_id, decision.model_id, "draining")
+            except Exception as exc:  # noqa: BLE001 - the next reconcile cycle unpublishes it anyway
+                log.warning("scaling: could not unpublish %s at once: %s", decision.drain_worker_id, exc)
+        return decision_id
+
+    def _resume(self) -> set[str]:
+        """Start a thread for every unfinished sequence nobody here runs; returns the
+        models that have one."""
+        with self.db.cursor() as cur:
+            rows = sql.unfinished(cur)
+        for row in rows:
+            if row["model_id"] not in self._busy and not self._stopping.is_set():
+                self._start(row["model_id"], row["decision_id"])
+        return {r["model_id"] for r in rows}
+
+    def _start(self, model_id: str, decision_id: int) -> None:
+        thread = threading.Thread(target=self._run_sequence, args=(model_id, decision_id), daemon=True,
+                                  name=f"scale-{model_id}")
+        self._busy[model_id] = thread
+        thread.start()
+
+    # -- one sequence, under the model's lock -----------------------------------------
+
+    def _run_sequence(self, model_id: str, decision_id: int) -> None:
+        conn = None
+        try:
+            conn = connect(self.db.dsn, application_name=f"gpufleet-scaling {model_id}"[:63])
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute("SELECT pg_try_advisory_lock(%s, hashtext(%s))", (LOCK_SCALING_MODEL, model_id))
+                if not cur.fetchone()[0]:
+                    log.debug("scaling %s: decision %d is run by another reconciler; waiting for it",
+                             model_id, decision_id)
+                    return
+            self._advance(decision_id)
+        except Exception:  # noqa: BLE001 - the next cycle resumes from the persisted step
+            log.exception("scaling %s: decision %d interrupted", model_id, decision_id)
+        finally:
+            if conn is not None:
+                with contextlib.suppress(psycopg2.Error):
+                    conn.close()  # releases the advisory lock
+            self._busy.pop(model_id, None)
+
+    def _advance(self, decision_id: int) -> None:
+        with self.db.cursor() as cur:
+            row = sql.get_decision(cur, decision_id)
+        if row is None or row["step"] not in sql.UNFINISHED:
+            return
+        if row["step"] == "actuating":
+            self._settle_orphan(row)  # started by a reconciler that is gone: never run it twice
+            return
+        if row["step"] == "draining":
+            with self.db.cursor() as cur:
+                sql.set_owner(cur, decision_id, self.me)
+            cancelled = self._wait_idle(row)
+            if cancelled is None:
+                return  # stopped or no longer leading: the next leader resumes the wait
+            if cancelled:
+                self._finish(row, Outcome("failed", cancelled))
+                return
+        if self._halted():
+            return
+        with self.db.cursor() as cur:
+            sql.set_step(cur, decision_id, "actuating", self.me, deadline_s=self.settings.actuation_timeout_s,
+                         started=True)
+        decision = Decision(row["model_id"], row["current_replicas"], row["desired_replicas"], row["action"],
+                            row["reason"], row["drain_worker_id"], row["inputs"])
+        started = time.monotonic()
+        try:
+            outcome = actuate(self.settings, decision, decision_id, stop=self._stopping,
+                              on_start=lambda pgid: self._record_pgid(decision_id, pgid))
+        except Exception as exc:  # noqa: BLE001 - recorded on the decision
+            outcome = Outcome("failed", f"{type(exc).__name__}: {exc}"[:500])
+        log.log(logging.INFO if outcome.ok else logging.ERROR, "scaling %s: decision %d %s after %.1fs%s",
+                row["model_id"], decision_id, outcome.outcome, time.monotonic() - started,
+                f": {outcome.error}" if outcome.error else "")
+        self._finish(row, outcome)
+
+    def _record_pgid(self, decision_id: int, pgid: int) -> None:
+        with self.db.cursor() as cur:
+            sql.set_command_pgid(cur, decision_id, pgid)
+
+    def _wait_idle(self, row) -> str | None:
+        """Wait until the drained worker's agent says it drains with nothing in flight.
+        Returns "" to go on, a reason to cancel, or None when this reconciler stopped."""
+        worker_id, decision_id = row["drain_worker_id"], row["decision_id"]
+        deadline = time.monotonic() + max(0.0, row["deadline_in_s"] or 0.0)
+        last = row["drain_inflight"]
+        while not self._halted():
+            with self.db.cursor() as cur:
+                worker = store.get_worker(cur, worker_id)
+            if worker is None:
+                return ""  # gone already: nothing left in flight there
+            if worker["desired_status"] != "draining":
+                return f"cancelled: worker {worker_id} was returned to service while draining"
+            draining, inflight = self._read_info(worker["agent_url"])
+            if inflight != last:
+                with self.db.cursor() as cur:
+                    sql.set_drain_inflight(cur, decision_id, inflight)
+                last = inflight
+            if draining and inflight == 0:
+                return ""
+            if time.monotonic() >= deadline:
+                log.warning("scaling %s: drain of %s ran over %gs (%s in flight); actuating anyway",
+                            row["model_id"], worker_id, self.settings.drain_timeout_s,
+                            "unknown" if inflight is None else inflight)
+                return ""
+            self._stopping.wait(self.poll_s)
+        return None
+
+    def _read_info(self, agent_url: str) -> tuple[bool, int | None]:
+        """(draining, in-flight count) from the agent's /info; (False, None) if unreadable."""
+        try:
+            resp = self.http.request("GET", agent_url.rstrip("/") + "/info", preload_content=False,
+                                     redirect=False, timeout=urllib3.Timeout(connect=self.probe_timeout_s,
+                                                                             read=self.probe_timeout_s))
+            try:
+                body = resp.read(_INFO_MAX_BYTES + 1)
+            finally:
+                resp.release_conn()
+            data = json.loads(body) if resp.status == 200 and len(body) <= _INFO_MAX_BYTES else None
+        except (urllib3.exceptions.HTTPError, ValueError):
+            return False, None
+        if not isinstance(data, dict) or not isinstance(data.get("inflight"), int) or data["inflight"] < 0:
+            return False, None
+        return data.get("draining") is True, data["inflight"]
+
+    def _settle_orphan(self, row) -> None:
+        """An actuation started by a reconciler that no longer runs it: wait while its
+        command's process group lives (when on this host) or until its deadline, kill
+        what is left at the deadline, and mark it failed."""
+        host = (row["owner"] or "").rsplit(":", 1)[0]
+        pgid = row["command_pgid"] if host == socket.gethostname() else None
+        deadline = time.monotonic() + max(0.0, row["deadline_in_s"] or 0.0)
+        log.warning("scaling %s: decision %d was actuating under %s, which stopped; waiting for it",
+                    row["model_id"], row["decision_id"], row["owner"])
+        while not self._halted():
+            alive = pgid is not None and group_alive(pgid)
+            if pgid is not None and not alive:
+                self._finish(row, Outcome("failed", f"the reconciler {row['owner']} stopped during the actuation; "
+                                                    "its command has ended, with an unknown result"))
+                return
+            if time.monotonic() >= deadline:
+                if alive:
+                    kill_group(pgid)
+                self._finish(row, Outcome("timed_out", f"the reconciler {row['owner']} stopped during the "
+                                                       "actuation; marked failed at its deadline"
+                                                       + ("; its process group was killed" if alive else "")))
+                return
+            self._stopping.wait(self.poll_s)
+
+    def _finish(self, row, outcome: Outcome) -> None:
+        model_id, action = row["model_id"], row["action"]
+        undrained = None
+        backoff_until = time.time() + self.settings.failure_backoff_s
+        with self.db.cursor() as cur:
+            if not outcome.ok and action == "scale_down" and row["drain_worker_id"]:
+                undrained = self.settings.undrain_on_failure and sql.undrain(cur, row["drain_worker_id"])
+            sql.finish(cur, row["decision_id"], outcome.outcome, outcome.error, outcome.stdout, outcome.stderr,
+                       undrained)
+            if not outcome.ok:
+                sql.set_backoff(cur, model_id, action, backoff_until)
+        if not outcome.ok:
+            with self._states_lock:
+                state = self.states.get(model_id, ScalingState())
+                self.states[model_id] = replace(state, backoff_action=action, backoff_until=backoff_until,
+                                                target_replicas=None)
+            log.error("scaling %s: decision %d failed (%s)%s; %s held for %gs", model_id, row["decision_id"],
+                      outcome.error, f"; {row['drain_worker_id']} returned to service" if undrained else "",
+                      action, self.settings.failure_backoff_s)
