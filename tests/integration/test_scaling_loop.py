@@ -42,14 +42,19 @@ class Fleet:
         self.agents: dict[str, str] = {}
         self.sims: dict[str, str] = {}
 
-    def start_workers(self, *sim_args: str) -> None:
+    def start_workers(self, tmp_path, *sim_args: str) -> None:
+        """Both workers enrolled and routable, through a reconciler without scaling that is
+        stopped again, so the scaling loop under test starts on a settled fleet."""
+        settler = start_reconciler(self.daemons, self.env, name="reconciler-settle")
         for worker in WORKERS:
-            run_cli(self.url, "instances", "add", worker)
+            secret_file = tmp_path / f"{worker}.join-secret"
+            run_cli(self.url, "instances", "add", worker, "--model", MODEL, "--join-secret-file", str(secret_file))
             _, self.sims[worker] = start_sim(self.daemons, MODEL, *sim_args, name=f"sim-{worker}")
             _, self.agents[worker] = start_agent(self.daemons, agent_env(
                 instance_id=worker, control_plane_url=self.url, model_id=MODEL, vllm_base_url=self.sims[worker],
-                port=self.daemons.port()), name=f"agent-{worker}")
+                port=self.daemons.port(), WORKER_JOIN_SECRET_FILE=str(secret_file)), name=f"agent-{worker}")
         wait_until(lambda: self.ready() == set(WORKERS), timeout=60, what="both workers routable")
+        assert settler.stop() == 0
 
     def reconciler(self, name="reconciler", **overrides):
         return start_reconciler(self.daemons, {**self.env, **SCALING, **overrides}, name=name)
@@ -114,7 +119,7 @@ def finished(fleet, decision_id):
 
 @pytest.mark.parametrize("actuator", ["command", "webhook"])
 def test_a_failed_actuation_returns_the_worker_and_drains_no_second_one(fleet, tmp_path, actuator):
-    fleet.start_workers()
+    fleet.start_workers(tmp_path)
     if actuator == "command":
         command, calls = recorder(tmp_path, fail=True)
         fleet.reconciler(GPUFLEET_SCALING_ACTUATOR="command", GPUFLEET_SCALING_COMMAND=command)
@@ -156,7 +161,7 @@ def test_a_failed_actuation_returns_the_worker_and_drains_no_second_one(fleet, t
 
 
 def test_a_scale_down_waits_for_in_flight_requests_before_the_command_runs(fleet, tmp_path):
-    fleet.start_workers("--itl-ms", "50", "--jitter", "0")
+    fleet.start_workers(tmp_path, "--itl-ms", "50", "--jitter", "0")
     command, calls = recorder(tmp_path)
     streams: dict[str, dict] = {}
 
@@ -196,7 +201,7 @@ def test_a_scale_down_waits_for_in_flight_requests_before_the_command_runs(fleet
 
 def test_a_leader_killed_mid_actuation_a_new_leader_runs_it_never_twice_and_kills_it_at_its_deadline(
         fleet, tmp_path):
-    fleet.start_workers()
+    fleet.start_workers(tmp_path)
     command, calls = recorder(tmp_path, sleep_s=120)  # hangs
     overrides = {"GPUFLEET_SCALING_ACTUATOR": "command", "GPUFLEET_SCALING_COMMAND": command,
                  "GPUFLEET_SCALING_ACTUATION_TIMEOUT_S": "8"}
