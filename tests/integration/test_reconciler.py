@@ -4,6 +4,7 @@ agent's end-to-end tests): publication, removal on a failed probe or a stale hea
 API key re-sync, and leader election between two reconcilers."""
 
 import json
+import os
 import sys
 import threading
 import time
@@ -263,3 +264,82 @@ def test_scaling_loop_decides_stores_actuates_and_drains_the_least_loaded(fleet,
                == [(True,)], timeout=20, what="actuations recorded")
     metrics = requests.get(fleet.url + "/metrics", timeout=10).text
     assert 'gpufleet_scaling_desired_replicas{model_id="m1"} 3.0' in metrics
+
+
+SCALE_DOWN_AT_ONCE = dict(GPUFLEET_SCALING_ENABLED="true", GPUFLEET_SCALING_INTERVAL_S="0.5",
+                          GPUFLEET_SCALING_MIN_REPLICAS="1", GPUFLEET_SCALING_MAX_REPLICAS="3",
+                          GPUFLEET_SCALING_DOWN_STABLE_S="0", GPUFLEET_SCALING_DOWN_COOLDOWN_S="0",
+                          GPUFLEET_SCALING_FAILURE_BACKOFF_S="300")
+
+
+def _two_quiet_workers(fleet):
+    for worker in ("w1", "w2"):
+        fleet.agent(worker, queue_depth=0).beating.set()
+    settler = fleet.reconciler("reconciler-settle")  # makes them routable, then leaves
+    wait_until(lambda: fleet.ready() == {"w1", "w2"}, timeout=20, what="both ready")
+    assert settler.stop() == 0
+
+
+def _decision(fleet):
+    rows = fleet.sql("""SELECT decision_id, step, outcome, actuation_error, owner, drain_worker_id
+                        FROM scaling_decisions WHERE action = 'scale_down' ORDER BY decision_id""")
+    return rows
+
+
+def test_the_log_actuator_is_advisory_everywhere(fleet):
+    for worker in ("w1", "w2"):
+        fleet.agent(worker, queue_depth=0).beating.set()
+    fleet.reconciler(**SCALE_DOWN_AT_ONCE)
+    wait_until(lambda: _decision(fleet), timeout=20, what="a scale-down decision")
+    [(_, step, outcome, _, _, drain)] = _decision(fleet)[:1]
+    assert (step, outcome, drain) == ("advisory", "advisory", "w1")
+    time.sleep(1.5)
+    assert fleet.sql("SELECT count(*) FROM workers WHERE desired_status IS NOT NULL") == [(0,)]
+    assert fleet.ready() == {"w1", "w2"}
+    scaling = requests.get(fleet.url + "/v1/admin/scaling", headers=ADMIN, timeout=10).json()
+    assert scaling["advisory"] is True and scaling["latest"]["m1"]["action"] in ("scale_down", "none")
+    assert all(d["advisory"] for d in scaling["decisions"] if d["action"] != "none")
+    metrics = requests.get(fleet.url + "/metrics", timeout=10).text
+    assert 'outcome="advisory"' in metrics and 'outcome="failed"' not in metrics
+
+
+def test_a_reconciler_stopped_mid_actuation_kills_its_command_and_records_why(fleet, tmp_path):
+    pid_file = tmp_path / "pid"
+    script = tmp_path / "hang.sh"
+    script.write_text(f"#!/bin/sh\necho $$ > {pid_file}\nexec sleep 300\n")
+    script.chmod(0o755)
+    _two_quiet_workers(fleet)
+    reconciler = fleet.reconciler(**SCALE_DOWN_AT_ONCE, GPUFLEET_SCALING_ACTUATOR="command",
+                                  GPUFLEET_SCALING_COMMAND=str(script), GPUFLEET_SCALING_DRAIN_TIMEOUT_S="0")
+    wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), timeout=30, what="the command")
+    pid = int(pid_file.read_text())
+    assert reconciler.stop() == 0  # SIGTERM
+    [(_, step, outcome, error, _, drain)] = _decision(fleet)
+    assert (step, outcome) == ("failed", "failed") and "reconciler stopped" in error
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    # undrained (a "ready" the next heartbeat of a ready worker clears)
+    assert fleet.sql("SELECT desired_status FROM workers WHERE worker_id = %s", (drain,))[0][0] in ("ready", None)
+    assert fleet.sql("SELECT undrained FROM scaling_decisions WHERE action = 'scale_down'") == [(True,)]
+
+
+def test_a_new_leader_resumes_a_drain_wait_and_actuates_it_once(fleet, tmp_path):
+    calls = tmp_path / "calls"
+    script = tmp_path / "scale.sh"
+    script.write_text(f"#!/bin/sh\necho \"$GPUFLEET_SCALE_DECISION_ID\" >> {calls}\n")
+    script.chmod(0o755)
+    _two_quiet_workers(fleet)
+    # the stub agents have no /info, so the wait lasts until the drain deadline
+    settings = dict(**SCALE_DOWN_AT_ONCE, GPUFLEET_SCALING_ACTUATOR="command", GPUFLEET_SCALING_COMMAND=str(script),
+                    GPUFLEET_SCALING_DRAIN_TIMEOUT_S="6")
+    first = fleet.reconciler("reconciler-1", **settings)
+    wait_until(lambda: _decision(fleet), timeout=20, what="the scale-down")
+    first.kill9()
+    [(decision_id, step, _, _, owner, drain)] = _decision(fleet)
+    assert step == "draining" and owner.endswith(f":{first.pid}") and not calls.exists()
+    second = fleet.reconciler("reconciler-2", **settings)
+    wait_until(lambda: _decision(fleet)[0][1] == "done", timeout=30, what="the resumed scale-down")
+    [(_, _, outcome, _, owner, _)] = _decision(fleet)
+    assert outcome == "ok" and owner.endswith(f":{second.pid}")
+    assert calls.read_text().split() == [str(decision_id)]
+    assert fleet.sql("SELECT desired_status FROM workers WHERE worker_id = %s", (drain,)) == [("draining",)]
