@@ -58,25 +58,42 @@ def database_url(postgres_server):
     return postgres_server.create_database(f"t{os.getpid()}_{next(_db_counter)}")
 
 
+class DaemonStarter:
+    """``start(name, argv, env)`` a daemon; ``stop_all()`` stops them, the last started first."""
+
+    def __init__(self):
+        self.started: list[Daemon] = []
+
+    def start(self, name: str, argv: list[str], env: dict | None = None) -> Daemon:
+        daemon = Daemon(name, argv, env)
+        self.started.append(daemon)
+        return daemon
+
+    def stop_all(self) -> None:
+        for daemon in reversed(self.started):
+            daemon.stop()
+
+    script = staticmethod(console_script)
+    port = staticmethod(free_port)
+    wait_http = staticmethod(wait_http)
+
+
 @pytest.fixture
 def daemons(request):
     """Start daemons with ``daemons.start(name, argv, env)``; all are stopped after the test."""
-    started: list[Daemon] = []
-    request.node._gpufleet_daemons = started
+    starter = DaemonStarter()
+    request.node._gpufleet_daemons = starter.started
+    yield starter
+    starter.stop_all()
 
-    class Starter:
-        def start(self, name: str, argv: list[str], env: dict | None = None) -> Daemon:
-            daemon = Daemon(name, argv, env)
-            started.append(daemon)
-            return daemon
 
-        script = staticmethod(console_script)
-        port = staticmethod(free_port)
-        wait_http = staticmethod(wait_http)
-
-    yield Starter()
-    for daemon in reversed(started):
-        daemon.stop()
+@pytest.fixture(scope="module")
+def module_daemons():
+    """Like ``daemons``, for processes that the tests of one module share (they are stopped
+    after the module's last test)."""
+    starter = DaemonStarter()
+    yield starter
+    starter.stop_all()
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -85,5 +102,6 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     if report.when in ("setup", "call") and report.failed:
-        for daemon in getattr(item, "_gpufleet_daemons", []):
+        shared = getattr(item, "funcargs", {}).get("module_daemons")
+        for daemon in getattr(item, "_gpufleet_daemons", []) + (shared.started if shared else []):
             report.sections.append((f"daemon {daemon.name} log (tail)", daemon.output()[-4000:]))
