@@ -4,7 +4,11 @@ three workers (gpufleet-vllm-sim + gpufleet-agent) and a router — answering an
 request, then serving until Ctrl-C, when it stops everything it started.
 
 The daemons are the same console scripts the Ansible roles run under systemd; only vLLM
-is replaced by the simulator, since there is no GPU here.
+is replaced by the simulator, since there is no GPU here. While it serves, the demo does
+what systemd does with the roles' units: a process that exits is reported and started
+again after a back-off (the simulators as ``vllm.service``'s ``Restart=on-failure``, the
+gpufleet daemons as their units' ``Restart=always``), and the rest keep running, so
+failover can be tried: ``kill -9`` a simulator under traffic and watch ``gpufleet workers``.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,6 +33,37 @@ from support.procs import Daemon, console_script, free_port, wait_http, wait_unt
 from support.services import PostgresServer, RedisServer  # noqa: E402
 
 MODEL = "gpufleet/demo-llm"
+# signals after which systemd's Restart=on-failure sees a clean exit (SuccessExitStatus)
+CLEAN_SIGNALS = (signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE)
+FIRST_BACKOFF_S, MAX_BACKOFF_S, STABLE_AFTER_S = 1.0, 30.0, 30.0
+
+
+@dataclass
+class Service:
+    """One supervised process: how to start it again, and its restart state."""
+
+    name: str
+    argv: list[str]
+    env: dict
+    restart: str  # "always" or "on-failure", as in the roles' systemd units
+    daemon: Daemon | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    backoff_s: float = FIRST_BACKOFF_S
+    restart_at: float | None = None  # while waiting out the back-off
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def clean_exit(code: int) -> bool:
+    return code == 0 or -code in CLEAN_SIGNALS
 
 
 def port_or_free(preferred: int) -> int:
@@ -45,16 +81,51 @@ class Fleet:
         self.run_dir = run_dir
         self.logs = run_dir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.daemons: list[Daemon] = []
+        self.services: list[Service] = []
         self.redis: RedisServer | None = None
         self.postgres: PostgresServer | None = None
         self.admin_token = "gfa_demo_" + os.urandom(12).hex()
         self.vllm_key = "demo-vllm-" + os.urandom(8).hex()
 
-    def start(self, name: str, argv: list[str], env: dict) -> Daemon:
-        daemon = Daemon(name, argv, env, log_dir=str(self.logs))
-        self.daemons.append(daemon)
-        return daemon
+    def start(self, name: str, argv: list[str], env: dict, restart: str = "always") -> Daemon:
+        service = Service(name, argv, env, restart)
+        self.services.append(service)
+        return self._spawn(service)
+
+    def _spawn(self, service: Service) -> Daemon:
+        # each run logs to its own file, so the log of the run that died is kept
+        log_name = service.name if not service.restarts else f"{service.name}.restart{service.restarts}"
+        service.daemon = Daemon(log_name, service.argv, service.env, log_dir=str(self.logs))
+        service.started_at = time.monotonic()
+        service.restart_at = None
+        return service.daemon
+
+    def supervise(self, now: float | None = None) -> None:
+        """Report exits and restart like systemd: after a back-off that doubles from 1 s up
+        to 30 s and starts again from 1 s once a process has stayed up 30 s."""
+        now = time.monotonic() if now is None else now
+        for svc in self.services:
+            if svc.daemon is None:
+                if svc.restart_at is not None and now >= svc.restart_at:
+                    svc.restarts += 1
+                    daemon = self._spawn(svc)
+                    step(f"{svc.name} restarted (pid {daemon.pid}, restart {svc.restarts}); "
+                         f"log {daemon.log_path}")
+                continue
+            code = svc.daemon.popen.poll()
+            if code is None:
+                if now - svc.started_at >= STABLE_AFTER_S:
+                    svc.backoff_s = FIRST_BACKOFF_S
+                continue
+            svc.daemon.stop()  # reaps it, and kills what is left of its process group
+            svc.daemon = None
+            how = describe_exit(code)
+            if svc.restart == "on-failure" and clean_exit(code):
+                step(f"{svc.name} exited ({how}); not restarted (Restart=on-failure, a clean exit)")
+                continue
+            svc.restart_at = now + svc.backoff_s
+            step(f"{svc.name} exited ({how}); restarting it in {svc.backoff_s:.0f} s (Restart={svc.restart})")
+            svc.backoff_s = min(svc.backoff_s * 2, MAX_BACKOFF_S)
 
     def cli(self, *args: str) -> str:
         env = dict(os.environ, GPUFLEET_CONTROL_PLANE_URL=self.cp_url, GPUFLEET_ADMIN_TOKEN=self.admin_token,
@@ -94,7 +165,7 @@ class Fleet:
             self.start(f"vllm-sim-{index}", [
                 console_script("gpufleet-vllm-sim"), MODEL, "--host", "127.0.0.1", "--port", str(vllm_port),
                 "--max-num-seqs", "8", "--startup-delay", "1", "--seed", str(index)],
-                {"VLLM_API_KEY": self.vllm_key})
+                {"VLLM_API_KEY": self.vllm_key}, restart="on-failure")
             self.start(f"agent-{index}", [console_script("gpufleet-agent")], {
                 "INSTANCE_ID": instance, "CONTROL_PLANE_URL": self.cp_url, "MODEL_ID": MODEL,
                 "VLLM_BASE_URL": f"http://127.0.0.1:{vllm_port}", "VLLM_API_KEY": self.vllm_key,
@@ -124,15 +195,18 @@ class Fleet:
         self.api_key = json.loads(self.cli("keys", "create", "demo", "--json"))["key"]
 
     def _check_alive(self) -> bool:
-        for daemon in self.daemons:
-            if not daemon.alive():
-                raise RuntimeError(f"{daemon.name} exited; its log:\n{daemon.output()[-3000:]}")
+        """While starting up, any exit is fatal: the fleet is not usable yet."""
+        for svc in self.services:
+            if svc.daemon and not svc.daemon.alive():
+                raise RuntimeError(f"{svc.name} exited; its log:\n{svc.daemon.output()[-3000:]}")
         return True
 
     def down(self) -> None:
-        for daemon in reversed(self.daemons):
-            daemon.stop(timeout=10)
-        self.daemons.clear()
+        for svc in reversed(self.services):
+            if svc.daemon:
+                svc.daemon.stop(timeout=10)
+                svc.daemon = None
+        self.services.clear()
         if self.redis:
             self.redis.cleanup()
         if self.postgres:
@@ -167,6 +241,8 @@ def ask(fleet: Fleet) -> None:
 
 
 def show(fleet: Fleet) -> None:
+    sim_pids = ", ".join(f"{svc.name} pid {svc.daemon.pid}" for svc in fleet.services
+                         if svc.name.startswith("vllm-sim") and svc.daemon)
     print(f"""
 gpufleet is running (logs in {fleet.logs}):
   router          {fleet.router_url}   (/v1/chat/completions, /v1/completions, /v1/models, /readyz, /metrics)
@@ -187,6 +263,9 @@ print(reply.choices[0].message.content)
 PY
 
   GPUFLEET_CONTROL_PLANE_URL={fleet.cp_url} GPUFLEET_ADMIN_TOKEN={fleet.admin_token} .venv/bin/gpufleet workers
+
+Failover: kill -9 a simulator ({sim_pids}) while requests run; the router retries them on
+the others, the worker leaves the ready set, and the demo restarts the process after a back-off.
 
 Press Ctrl-C to stop everything.""", flush=True)
 
@@ -215,8 +294,8 @@ def main() -> int:
         show(fleet)
         print("READY", flush=True)
         while not args.once:  # serve until Ctrl-C
-            fleet._check_alive()
-            time.sleep(1)
+            fleet.supervise()
+            time.sleep(0.5)
     except KeyboardInterrupt:
         print("\nstopping…", flush=True)
     except Exception as exc:  # noqa: BLE001 - print what failed, then clean up

@@ -1,15 +1,21 @@
-"""`make demo` end to end: a streamed completion is printed, and Ctrl-C leaves no process behind."""
+"""`make demo` end to end: a streamed completion is printed, a simulator killed under traffic
+is restarted while the router keeps answering, and Ctrl-C leaves no process behind."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
+import requests
+
+from support.procs import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,6 +40,25 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
+def cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def sim_pids(root: int, seed: str) -> list[int]:
+    """The live gpufleet-vllm-sim processes under ``root`` started with ``--seed seed``."""
+    found = []
+    for pid in descendants(root):
+        argv = cmdline(pid)
+        if alive(pid) and any(a.endswith("gpufleet-vllm-sim") for a in argv) and "--seed" in argv \
+                and argv[argv.index("--seed") + 1] == seed:
+            found.append(pid)
+    return found
+
+
 def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as stat:
@@ -42,8 +67,8 @@ def alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.timeout(240)
-def test_demo_streams_a_completion_and_ctrl_c_stops_everything():
+@pytest.mark.timeout(300)
+def test_demo_streams_a_completion_survives_a_killed_worker_and_ctrl_c_stops_everything():
     proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "demo.py")], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -62,12 +87,49 @@ def test_demo_streams_a_completion_and_ctrl_c_stops_everything():
         assert "completion tokens" in output
         started = descendants(proc.pid)
         assert len(started) >= 9, started  # pg, redis, cp, reconciler, 3 sims, 3 agents, router…
+
+        # keep reading what the demo prints while it serves
+        reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+        reader.start()
+        router_url = re.search(r"router\s+(http://\S+)", output).group(1)
+        api_key = re.search(r"Authorization: Bearer (\S+?)'", output).group(1)
+
+        def chat() -> int:
+            body = {"model": "gpufleet/demo-llm", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+            return requests.post(f"{router_url}/v1/chat/completions", json=body, timeout=30,
+                                 headers={"Authorization": f"Bearer {api_key}"}).status_code
+
+        # a worker's simulator crashes under traffic: the router serves on, the demo restarts it
+        victim, = sim_pids(proc.pid, "2")
+        statuses = [chat() for _ in range(5)]
+        os.kill(victim, signal.SIGKILL)
+        statuses += [chat() for _ in range(20)]
+        wait_until(lambda: "vllm-sim-2 restarted" in "".join(lines), timeout=30,
+                   what="the demo to restart the killed simulator")
+        text = "".join(lines)
+        assert "vllm-sim-2 exited (killed by SIGKILL); restarting it in 1 s" in text, text[-2000:]
+        again, = sim_pids(proc.pid, "2")
+        assert again != victim
+        argv = cmdline(again)
+        sim_metrics = f"http://127.0.0.1:{argv[argv.index('--port') + 1]}/metrics"
+
+        def restarted_sim_served() -> bool:
+            statuses.append(chat())
+            text = requests.get(sim_metrics, timeout=5).text
+            return any(line.startswith("vllm:request_success_total") and float(line.split()[-1]) > 0
+                       for line in text.splitlines())
+        wait_until(restarted_sim_served, timeout=90, interval=0.2, what="the restarted worker to serve again")
+        assert statuses == [200] * len(statuses), statuses
+        assert proc.poll() is None  # the rest kept running
+
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
-        rest, _ = proc.communicate(timeout=60)
-        assert proc.returncode == 0, rest
+        proc.wait(timeout=60)
+        reader.join(timeout=10)
+        rest = "".join(lines)
+        assert proc.returncode == 0, rest[-3000:]
         assert "every process the demo started has exited" in rest
         time.sleep(0.5)
-        survivors = [pid for pid in started if alive(pid)]
+        survivors = [pid for pid in started | {again} if alive(pid)]
         assert survivors == [], f"processes left behind: {survivors}"
     finally:
         if proc.poll() is None:
