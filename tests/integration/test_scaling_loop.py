@@ -243,3 +243,29 @@ def test_bad_scaling_settings_are_refused_at_start_with_exit_2(daemons, variable
         proc = daemons.start(program, [daemons.script(program)], env)
         assert proc.popen.wait(timeout=30) == 2
         assert message in proc.output(), proc.output()
+
+
+def test_the_scaling_ttft_signal_has_its_own_shorter_window(fleet, tmp_path):
+    """The agent sends the p95 TTFT twice: over its display window (60 s here) and over
+    SCALING_TTFT_WINDOW_S (3 s here); the scaling loop reads the second, which forgets a
+    burst once it has left that window."""
+    settler = start_reconciler(fleet.daemons, fleet.env, name="reconciler-probes")
+    secret_file = tmp_path / "join-secret"
+    run_cli(fleet.url, "instances", "add", "gpu-a", "--model", MODEL, "--join-secret-file", str(secret_file))
+    _, sim_url = start_sim(fleet.daemons, MODEL, "--ttft-ms", "300", "--itl-ms", "5", "--jitter", "0",
+                           "--prefill-ms-per-token", "0")
+    start_agent(fleet.daemons, agent_env(instance_id="gpu-a", control_plane_url=fleet.url, model_id=MODEL,
+                                         vllm_base_url=sim_url, port=fleet.daemons.port(),
+                                         WORKER_JOIN_SECRET_FILE=str(secret_file), SCALING_TTFT_WINDOW_S="3"))
+    wait_until(lambda: fleet.ready() == {"gpu-a"}, timeout=60, what="the worker routable")
+    for _ in range(4):
+        assert requests.post(sim_url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1},
+                             timeout=30).status_code == 200
+
+    def figures():
+        return fleet.sql("SELECT ttft_p95_ms, ttft_p95_scaling_ms FROM workers WHERE worker_id = 'gpu-a'")[0]
+    display, scaling = wait_until(lambda: all(figures()) and figures(), timeout=15, what="both TTFT figures")
+    assert display == pytest.approx(300, rel=0.3) and scaling == pytest.approx(300, rel=0.3)
+    wait_until(lambda: figures()[1] == 0, timeout=15, what="the burst to leave the scaling window")
+    assert figures()[0] == pytest.approx(300, rel=0.3)  # the display window still holds it
+    assert settler.alive()

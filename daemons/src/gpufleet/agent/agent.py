@@ -134,6 +134,7 @@ class Agent:
         sample = self.vllm.snapshot.sample
         gpus = self.gpus.read()
         ttft_p95 = self.vllm.ttft.quantile(0.95)
+        ttft_p95_scaling = self.vllm.ttft_scaling.quantile(0.95)
         e2e_p95 = self.vllm.e2e.quantile(0.95)
         return {
             "queue_depth": int(sample.waiting) if sample else 0,
@@ -142,6 +143,7 @@ class Agent:
             "gpu_util": round(sum(g.utilization_percent for g in gpus) / len(gpus), 1) if gpus else 0.0,
             "gpu_mem_used_mb": round(sum(g.memory_used_mb for g in gpus)),
             "ttft_p95_ms": round(ttft_p95 * 1000, 1) if ttft_p95 is not None else 0.0,
+            "ttft_p95_scaling_ms": round(ttft_p95_scaling * 1000, 1) if ttft_p95_scaling is not None else 0.0,
             "e2e_p95_ms": round(e2e_p95 * 1000, 1) if e2e_p95 is not None else 0.0,
             "req_per_s": round(self.vllm.requests.rate(), 3),
             "inflight": self.vllm.inflight(),

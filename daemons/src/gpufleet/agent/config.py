@@ -41,6 +41,9 @@ class AgentConfig:
     retry_max_s: float = 30.0
     # Window of the TTFT / end-to-end percentiles and the request rate.
     metrics_window_s: float = 60.0
+    # Window of the TTFT p95 sent for the control plane's scaling loop (ttft_p95_scaling_ms):
+    # shorter than the display window, so scaling sees a burst end sooner.
+    scaling_ttft_window_s: float = 20.0
     log_level: str = "INFO"
 
 
@@ -101,6 +104,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> AgentConfig:
         warmup_timeout_s=_positive(env, "WARMUP_TIMEOUT_S", 60.0),
         retry_max_s=_positive(env, "CONTROL_PLANE_RETRY_MAX_S", 30.0, minimum=0.1),
         metrics_window_s=_positive(env, "METRICS_WINDOW_S", 60.0, minimum=1.0),
+        scaling_ttft_window_s=_positive(env, "SCALING_TTFT_WINDOW_S", 20.0, minimum=1.0),
         log_level=_log_level(env),
     )
 

@@ -56,6 +56,7 @@ class VllmMonitor:
         self._warmup_failures = 0
         self._next_warmup_at = 0.0
         self.ttft = HistogramWindow(config.metrics_window_s)
+        self.ttft_scaling = HistogramWindow(config.scaling_ttft_window_s)
         self.e2e = HistogramWindow(config.metrics_window_s)
         self.requests = CounterWindow(config.metrics_window_s)
         self.on_change = None  # called (no args) when the local readiness may have changed
@@ -150,6 +151,7 @@ class VllmMonitor:
         now = self._clock()
         if sample.ttft is not None:
             self.ttft.observe(now, sample.ttft)
+            self.ttft_scaling.observe(now, sample.ttft)
         if sample.e2e is not None:
             self.e2e.observe(now, sample.e2e)
         if sample.request_success_total is not None:

@@ -110,8 +110,10 @@ class Scaler:
                 continue
             per_model.setdefault(row["model_id"], [])
             if assess_row(row, self.stale_after_s).routable:
+                # the TTFT over the agent's scaling window when it sends one (SCALING_TTFT_WINDOW_S)
+                ttft = row["ttft_p95_scaling_ms"] if row["ttft_p95_scaling_ms"] is not None else row["ttft_p95_ms"]
                 per_model[row["model_id"]].append(WorkerLoad(row["worker_id"], row["queue_depth"], row["running"],
-                                                             row["gpu_util"], row["ttft_p95_ms"]))
+                                                             row["gpu_util"], ttft))
         return [ModelLoad(m, tuple(ws)) for m, ws in sorted(per_model.items())]
 
     def run_once(self, now: float) -> list[Decision]:

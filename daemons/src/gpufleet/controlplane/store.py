@@ -11,7 +11,7 @@ _WORKER_COLUMNS = """
     w.worker_id, w.instance_id, w.provider_instance_id, w.model_id, w.advertise_url, w.agent_url,
     w.tensor_parallel_size, w.gpu_memory_utilization, w.gpus, w.agent_version, w.status,
     w.desired_status, w.queue_depth, w.running, w.kv_cache_usage, w.gpu_util, w.gpu_mem_used_mb,
-    w.ttft_p95_ms, w.e2e_p95_ms, w.req_per_s, w.inflight, w.last_heartbeat_at, w.last_probe_at,
+    w.ttft_p95_ms, w.ttft_p95_scaling_ms, w.e2e_p95_ms, w.req_per_s, w.inflight, w.last_heartbeat_at, w.last_probe_at,
     w.last_probe_ok, w.consecutive_probe_failures, w.last_probe_error, w.registered_at,
     i.retired_at,
     extract(epoch FROM now() - w.last_heartbeat_at)::float8 AS heartbeat_age_s
@@ -198,7 +198,8 @@ def record_heartbeat(cur, hb: Heartbeat) -> None:
     cur.execute("""
         UPDATE workers SET status = %(status)s, queue_depth = %(queue_depth)s, running = %(running)s,
             kv_cache_usage = %(kv_cache_usage)s, gpu_util = %(gpu_util)s, gpu_mem_used_mb = %(gpu_mem_used_mb)s,
-            ttft_p95_ms = %(ttft_p95_ms)s, e2e_p95_ms = %(e2e_p95_ms)s, req_per_s = %(req_per_s)s,
+            ttft_p95_ms = %(ttft_p95_ms)s, ttft_p95_scaling_ms = %(ttft_p95_scaling_ms)s,
+            e2e_p95_ms = %(e2e_p95_ms)s, req_per_s = %(req_per_s)s,
             inflight = %(inflight)s, last_heartbeat_at = now(),
             -- an undrain is delivered until the worker says it is ready again
             desired_status = CASE WHEN desired_status = 'ready' AND %(status)s = 'ready'

@@ -156,6 +156,8 @@ class Heartbeat:
     e2e_p95_ms: float
     req_per_s: float
     inflight: int
+    # the p95 TTFT over the agent's SCALING_TTFT_WINDOW_S; None from agents that predate it
+    ttft_p95_scaling_ms: float | None = None
 
 
 def _whole(body: dict, name: str) -> int:
@@ -200,4 +202,5 @@ def parse_heartbeat(body) -> Heartbeat:
         e2e_p95_ms=number(body, "e2e_p95_ms"),
         req_per_s=number(body, "req_per_s"),
         inflight=_whole(body, "inflight"),
+        ttft_p95_scaling_ms=number(body, "ttft_p95_scaling_ms", None),
     )
