@@ -138,3 +138,42 @@ def test_heartbeat_updates_the_row_and_delivers_drain_and_undrain(cp):
     assert cp.heartbeat("i1", token, status="ready").json() == {}
     assert cp.admin("POST", "/v1/admin/workers/ghost/drain").status_code == 404
     assert cp.heartbeat("i1", token, worker_id="i1", model_id="other").status_code == 409
+
+
+def test_deep_json_is_a_400_on_every_json_endpoint(cp):
+    token = cp.enrol("i1")
+    deep = "[" * 5000 + "]" * 5000
+    deep_in_object = '{"instance_id": "i1", "gpus": ' + "[" * 100 + "]" * 100 + "}"
+    worker = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    admin = {**cp.admin("GET", "/v1/admin/keys").request.headers, "Content-Type": "application/json"}
+    calls = [("/internal/worker/register", {"Content-Type": "application/json"}),
+             ("/internal/worker/heartbeat", worker),
+             ("/v1/admin/instances", admin), ("/v1/admin/keys", admin)]
+    for path, headers in calls:
+        for body in (deep, deep_in_object):
+            resp = requests.post(cp.url + path, data=body, headers=headers, timeout=10)
+            assert resp.status_code == 400, (path, resp.status_code, resp.text[:200])
+            assert "nests deeper" in resp.json()["error"]["message"]
+    assert cp.query("SELECT count(*) FROM instances") == [(1,)]
+
+
+def test_worker_urls_must_be_plain_http_without_control_characters(cp):
+    token = cp.enrol("i1")
+    refused = {
+        "http://127.0.0.1:8000\nINFO forged log line": "control characters",
+        "https://10.0.0.7:8000": "https worker URLs are not supported",
+        "http://10.0.0.7": "http://host:port",
+        "http://-bad-.example:8000": "not a valid host name",
+        "http://a_b.example:8000": "not a valid host name",
+        "http://user:pw@10.0.0.7:8000": "no credentials",
+    }
+    for value, needle in refused.items():
+        for field in ("advertise_url", "agent_url"):
+            resp = cp.register("i1", token=token, **{field: value})
+            assert resp.status_code == 400 and needle in resp.json()["error"]["message"], (value, resp.text)
+    forged = cp.register("i1", token=token, agent_version="0.2\nERROR forged")
+    assert forged.status_code == 400 and forged.json()["error"]["field"] == "agent_version"
+    ok = cp.register("i1", token=token, advertise_url="http://xn--bcher-kva.example:8000",
+                     agent_url="http://gpu-1.tailnet.ts.net:8080/agent")
+    assert ok.status_code == 200, ok.text
+    assert cp.query("SELECT advertise_url FROM workers") == [("http://xn--bcher-kva.example:8000",)]

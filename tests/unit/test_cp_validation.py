@@ -24,6 +24,10 @@ def test_registration_parses_and_normalises():
     ("advertise_url", "http://user:pw@h:1"), ("advertise_url", "http://h:99999"), ("agent_url", "h:8080"),
     ("instance_id", ""), ("instance_id", 5), ("model_id", "has space"), ("gpu_memory_utilization", float("nan")),
     ("tensor_parallel_size", 0), ("gpus", [1]),
+    ("advertise_url", "https://h:1"), ("agent_url", "http://h"), ("agent_url", "http://h:1\r\nX: y"),
+    ("agent_url", "http://h:1/a b"), ("agent_url", "http://ex\u2028ample:1"), ("agent_url", "http://a..b:1"),
+    ("agent_url", "http://" + "a" * 64 + ".example:1"), ("provider_instance_id", "p\x1b[31m"),
+    ("model_id", "m\x00"),
 ])
 def test_registration_rejects_and_names_the_field(field, value):
     with pytest.raises(PayloadError) as info:
@@ -81,3 +85,14 @@ def test_config_errors_say_what_to_set(change, message):
 def test_reconciler_does_not_need_the_admin_token():
     env = {k: v for k, v in ENV.items() if k != "GPUFLEET_ADMIN_TOKEN"}
     assert ControlPlaneConfig.from_env(env, need_admin_token=False).admin_token_hash == ""
+
+
+def test_worker_urls_accept_ip_literals_dns_and_idna_names():
+    for value in ("http://10.0.0.7:8000", "http://[fd7a:115c::7]:8000", "http://gpu-1.tailnet.ts.net:8080/agent",
+                  "http://bücher.example:8000", "http://localhost:8000"):
+        assert parse_registration({**REG, "agent_url": value}).agent_url == value
+
+
+def test_https_is_refused_with_a_message_that_says_why():
+    with pytest.raises(PayloadError, match="https worker URLs are not supported yet"):
+        parse_registration({**REG, "advertise_url": "https://100.64.0.7:8000"})

@@ -19,7 +19,7 @@ from gpufleet.common.ids import (
     same_hash,
     sha256_hex,
 )
-from gpufleet.controlplane import keystore, scaling_report, store
+from gpufleet.controlplane import keystore, keysync, scaling_report, store
 from gpufleet.controlplane.api_base import ApiError, bearer_token, publish, read_json, services
 from gpufleet.controlplane.routability import assess_row
 from gpufleet.controlplane.validation import PayloadError, ident, integer, model, text
@@ -234,15 +234,16 @@ def create_key():
             raise PayloadError(f"models[{i}]", "a model id in models must not contain a comma")
     rpm = integer(body, "rpm", 0, minimum=0, maximum=10**9)
     with svc.db.cursor() as cur:
+        keysync.lock_for_change(cur)
         row, key = keystore.create_key(cur, name, models, rpm)
-    # publish before answering: the key works at the router as soon as the caller has it
-    answer = {"key_id": row["key_id"], "key": key, **_key_json(row)}
-    try:
-        svc.publisher.publish_api_key(row["key_hash"], row["key_id"], row["name"], row["models"], row["rpm"])
-    except redis.RedisError as exc:
-        # the key is shown only now, so it must not be lost: the reconciler publishes it
-        log.warning("redis unreachable, api key %s not published yet: %s", row["key_id"], exc)
-        answer["warning"] = "redis is unreachable: the key works once the reconciler re-syncs keys"
+        answer = {"key_id": row["key_id"], "key": key, **_key_json(row)}
+        # published before the change commits and the caller has the key: it works at once
+        try:
+            svc.publisher.publish_api_key(row["key_hash"], row["key_id"], row["name"], row["models"], row["rpm"])
+        except redis.RedisError as exc:
+            # the key is shown only now, so it must not be lost: the reconciler publishes it
+            log.warning("redis unreachable, api key %s not published yet: %s", row["key_id"], exc)
+            answer["warning"] = "redis is unreachable: the key works once the reconciler re-syncs keys"
     log.info("api key %s (%s) created", row["key_id"], name)
     return jsonify(answer), 201
 
@@ -257,11 +258,20 @@ def list_keys():
 @admin.delete("/keys/<key_id>")
 def revoke_key(key_id: str):
     svc = services()
+    failure = None
     with svc.db.cursor() as cur:
+        keysync.lock_for_change(cur)
         row = keystore.revoke_key(cur, key_id)
-    if row is None:
-        raise ApiError(404, f"api key {key_id!r} is not known", "unknown_key")
-    svc.publisher.delete_api_key(row["key_hash"], row["key_id"])
+        if row is None:
+            raise ApiError(404, f"api key {key_id!r} is not known", "unknown_key")
+        try:
+            svc.publisher.delete_api_key(row["key_hash"], row["key_id"])
+        except redis.RedisError as exc:
+            failure = exc  # the revoke stands; the reconciler deletes it from Redis once it is back
+    if failure is not None:
+        log.error("api key %s revoked in the database, but redis is unreachable: %s", key_id, failure)
+        raise ApiError(503, f"api key {key_id!r} is revoked, but Redis is unreachable: routers keep honouring "
+                            "their cached copy until the reconciler re-syncs keys", "redis_unavailable")
     log.info("api key %s revoked", key_id)
     return jsonify({"key": _key_json(row)})
 

@@ -25,7 +25,7 @@ class ControlPlaneConfig:
     workers: int = 2
     max_body_bytes: int = 64 * 1024
     migrate_on_start: bool = False
-    probe_concurrency: int = 32
+    probe_concurrency: int = 256
     join_secret_ttl_s: float = 3600.0
     log_level: str = "INFO"
     scaling: ScalingSettings = field(default_factory=ScalingSettings)
@@ -71,7 +71,7 @@ class ControlPlaneConfig:
             workers=env.int("GPUFLEET_WORKERS", 2, minimum=1, maximum=64),
             max_body_bytes=env.int("GPUFLEET_MAX_BODY_BYTES", 64 * 1024, minimum=1024, maximum=16 * 1024 * 1024),
             migrate_on_start=env.bool("GPUFLEET_MIGRATE_ON_START", False),
-            probe_concurrency=env.int("GPUFLEET_PROBE_CONCURRENCY", 32, minimum=1, maximum=512),
+            probe_concurrency=env.int("GPUFLEET_PROBE_CONCURRENCY", 256, minimum=1, maximum=2048),
             join_secret_ttl_s=env.float("GPUFLEET_JOIN_SECRET_TTL_S", 3600.0, minimum=1, maximum=30 * 86400),
             log_level=env.str("GPUFLEET_LOG_LEVEL", "INFO"),
             scaling=ScalingSettings.from_env(env),

@@ -16,11 +16,13 @@ import psycopg2.pool
 
 log = logging.getLogger(__name__)
 
-# Advisory lock keys (one namespace for gpufleet): migrations and reconciler leadership.
+# Advisory lock keys (one namespace for gpufleet): migrations, reconciler leadership, API keys.
 LOCK_MIGRATIONS = 0x67660001
 LOCK_RECONCILER_LEADER = 0x67660002
 # two-key form (this, hashtext(model_id)): the scaling sequence of one model
 LOCK_SCALING_MODEL = 0x67660003
+# API key changes (shared) against the reconciler's full key sync (exclusive): keysync.py
+LOCK_API_KEYS = 0x67660004
 
 psycopg2.extras.register_default_jsonb(globally=True)
 

@@ -6,13 +6,18 @@ advisory lock (``leader.py``). Followers poll the lock every reconcile interval 
 over within one interval when the leader dies.
 
 Each cycle:
-1. probe ``GET {agent_url}/readyz`` of every worker of a live instance, concurrently
-   (bounded, with ``GPUFLEET_PROBE_TIMEOUT_S``), and record the result;
+1. probe ``GET {agent_url}/readyz`` of every worker of a live instance, concurrently, each
+   within ``GPUFLEET_PROBE_TIMEOUT_S`` overall and all within the cycle's probe budget
+   (``prober.py``: whatever a worker sends costs only that worker), and record the results;
 2. decide routability with ``routability.assess`` (a pure function);
 3. publish routable workers (hash + TTL refresh, ready set, ``models``; ``ready`` event
    when new) and unpublish the others (``unready``/``draining``/``removed`` event);
 4. remove from Redis any published worker the database no longer knows;
-5. make ``apikey:*`` exactly the active keys of PostgreSQL.
+5. make ``apikey:*`` exactly the active keys of PostgreSQL (``keysync.py``: serialized
+   with the admin API's key changes, so a cycle never undoes a create or a revoke).
+
+Between cycles the leader listens for prompt-probe requests (``prompt.py``): a worker
+that just said ``ready`` is probed at once instead of at the next cycle.
 """
 
 from __future__ import annotations
@@ -27,11 +32,13 @@ import redis
 from gpufleet.common.config import exit_on_config_error
 from gpufleet.common.logs import setup_logging
 from gpufleet.common.rediskeys import EVENT_REMOVED, RedisKeys
-from gpufleet.controlplane import keystore, store
+from gpufleet.controlplane import store
 from gpufleet.controlplane.config import ControlPlaneConfig
 from gpufleet.controlplane.db import Database
+from gpufleet.controlplane.keysync import sync_keys
 from gpufleet.controlplane.leader import LeaderLock, identity
-from gpufleet.controlplane.prober import new_http, probe_many
+from gpufleet.controlplane.prober import probe_many
+from gpufleet.controlplane.prompt import ProbeRequests
 from gpufleet.controlplane.publisher import Publisher
 from gpufleet.controlplane.routability import assess_row
 from gpufleet.controlplane.scaler import Scaler
@@ -44,34 +51,71 @@ log = logging.getLogger("gpufleet.reconciler")
 _PROBE_SILENT_FACTOR = 20
 
 
+def probe_budget_s(config: ControlPlaneConfig) -> float:
+    """How long a cycle's probes may take: the rest of the cycle (database, Redis, keys)
+    must fit in the interval too, whatever the workers do."""
+    return max(0.25, 0.6 * config.reconcile_interval_s)
+
+
 class Reconciler:
-    def __init__(self, config: ControlPlaneConfig, db: Database, publisher: Publisher, http=None):
+    def __init__(self, config: ControlPlaneConfig, db: Database, publisher: Publisher):
         self.config = config
         self.db = db
         self.publisher = publisher
-        self.http = http or new_http(maxsize=4)
         self._last_health: dict[str, str] = {}
+        self._prompt_probed: dict[str, float] = {}  # worker id -> monotonic time of its last prompt probe
 
-    def probe(self, rows) -> int:
+    def probe(self, rows) -> dict:
         silent_after = self.config.stale_after_s * _PROBE_SILENT_FACTOR
-        targets = {r["worker_id"]: r["agent_url"] for r in rows
-                   if r["retired_at"] is None and r["heartbeat_age_s"] is not None
-                   and r["heartbeat_age_s"] < silent_after}
-        results = probe_many(self.http, targets, self.config.probe_timeout_s, self.config.probe_concurrency)
-        if results:
+        live = [r for r in rows if r["retired_at"] is None and r["heartbeat_age_s"] is not None
+                and r["heartbeat_age_s"] < silent_after]
+        # the longest unprobed first: if a cycle's budget cannot cover everyone, the ones
+        # left out go first next time
+        live.sort(key=lambda r: (r["last_probe_at"] is not None, r["last_probe_at"] or 0))
+        targets = {r["worker_id"]: r["agent_url"] for r in live}
+        outcome = probe_many(targets, self.config.probe_timeout_s, self.config.probe_concurrency,
+                             probe_budget_s(self.config))
+        if outcome.results:
             with self.db.cursor() as cur:
-                for worker_id, (ok, error) in results.items():
-                    store.record_probe(cur, worker_id, ok, error)
-        return len(results)
+                store.record_probes(cur, outcome.results)
+        return {"targets": len(targets), "probed": len(outcome.results), "skipped": len(outcome.skipped),
+                "probe_ms": round(outcome.seconds * 1000, 1)}
+
+    def prompt_probe(self, worker_ids: set[str]) -> int:
+        """Probe workers that asked (a ``ready`` heartbeat) right away, at most once per
+        interval each, and publish the outcome; returns how many were probed."""
+        now = time.monotonic()
+        due = {w for w in worker_ids
+               if now - self._prompt_probed.get(w, float("-inf")) >= self.config.reconcile_interval_s}
+        if not due:
+            return 0
+        with self.db.cursor() as cur:
+            rows = [r for r in (store.get_worker(cur, w) for w in due) if r is not None and r["retired_at"] is None]
+        targets = {r["worker_id"]: r["agent_url"] for r in rows}
+        outcome = probe_many(targets, self.config.probe_timeout_s, self.config.probe_concurrency,
+                             min(self.config.probe_timeout_s, probe_budget_s(self.config)))
+        for worker_id in targets:
+            self._prompt_probed[worker_id] = now
+        with self.db.cursor() as cur:
+            store.record_probes(cur, outcome.results)
+            rows = [store.get_worker(cur, w) for w in outcome.results]
+        for row in rows:
+            if row is None:
+                continue
+            verdict = assess_row(row, self.config.stale_after_s)
+            if verdict.routable:
+                self.publisher.publish_worker_row(row)
+            else:
+                self.publisher.unpublish_worker(row["worker_id"], row["model_id"], verdict.event)
+        return len(outcome.results)
 
     def reconcile_once(self) -> dict:
         started = time.monotonic()
         with self.db.cursor() as cur:
             rows = store.list_workers(cur)
-        probed = self.probe(rows)
+        probes = self.probe(rows)
         with self.db.cursor() as cur:
             rows = store.list_workers(cur)
-            keys = keystore.active_keys(cur)
 
         routable: dict[str, set[str]] = {}
         known = {}
@@ -98,11 +142,13 @@ class Reconciler:
                     reason = "unready"
                 self.publisher.unpublish_worker(worker_id, model_id, reason)
         self.publisher.prune_models()
-        self.publisher.sync_api_keys(keys)
+        sync_keys(self.db, self.publisher)
         for gone in set(self._last_health) - set(known):
             del self._last_health[gone]
+        for gone in set(self._prompt_probed) - set(known):
+            del self._prompt_probed[gone]
 
-        summary = {"workers": len(rows), "probed": probed,
+        summary = {"workers": len(rows), **probes,
                    "routable": sum(len(v) for v in routable.values()),
                    "ms": round((time.monotonic() - started) * 1000, 1)}
         return summary
@@ -128,9 +174,10 @@ def run(config: ControlPlaneConfig, stop: threading.Event) -> None:
     reconciler = Reconciler(config, db, publisher)
     me = identity()
     # also when disabled: it publishes the leader's settings and settles unfinished sequences
-    scaler = Scaler(config.scaling, db, publisher, config.stale_after_s, http=reconciler.http,
+    scaler = Scaler(config.scaling, db, publisher, config.stale_after_s,
                     probe_timeout_s=config.probe_timeout_s, me=me)
     lock = LeaderLock(config.database_url)
+    asked = ProbeRequests(config.database_url)
     leader_since = 0.0
     waiting_logged = False
     try:
@@ -160,13 +207,31 @@ def run(config: ControlPlaneConfig, stop: threading.Event) -> None:
                 log.error("cycle failed (redis): %s", exc)
             except Exception:  # noqa: BLE001 - one bad cycle must not kill the loop
                 log.exception("cycle failed")
-            stop.wait(max(0.0, config.reconcile_interval_s - (time.monotonic() - cycle_start)))
+            _wait_for_next_cycle(reconciler, asked, stop, cycle_start + config.reconcile_interval_s)
     finally:
         scaler.shutdown()
+        asked.close()
         lock.release()
         db.close()
         client.close()
         log.info("reconciler %s stopped", me)
+
+
+def _wait_for_next_cycle(reconciler: Reconciler, asked: ProbeRequests, stop: threading.Event,
+                         next_cycle_at: float) -> None:
+    """Until the next cycle: serve prompt-probe requests as they arrive."""
+    while not stop.is_set():
+        remaining = next_cycle_at - time.monotonic()
+        if remaining <= 0:
+            return
+        workers = asked.wait(min(remaining, 0.25))  # short slices so a stop is seen promptly
+        if workers:
+            try:
+                reconciler.prompt_probe(workers)
+            except (redis.RedisError, OSError) as exc:
+                log.error("prompt probe failed (redis): %s", exc)
+            except Exception:  # noqa: BLE001 - a prompt probe must not kill the loop
+                log.exception("prompt probe failed")
 
 
 @exit_on_config_error

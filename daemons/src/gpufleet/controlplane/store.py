@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import psycopg2.extras
+
 from gpufleet.controlplane.validation import Heartbeat, Registration
 
 _WORKER_COLUMNS = """
@@ -212,6 +214,18 @@ def record_probe(cur, worker_id: str, ok: bool, error: str | None) -> None:
         UPDATE workers SET last_probe_at = now(), last_probe_ok = %s, last_probe_error = %s,
             consecutive_probe_failures = CASE WHEN %s THEN 0 ELSE consecutive_probe_failures + 1 END
         WHERE worker_id = %s""", (ok, None if ok else (error or "failed")[:500], ok, worker_id))
+
+
+def record_probes(cur, results: dict[str, tuple[bool, str | None]]) -> None:
+    """``record_probe`` for many workers in one statement (a cycle probes them all)."""
+    if not results:
+        return
+    rows = [(worker_id, ok, None if ok else (error or "failed")[:500]) for worker_id, (ok, error) in results.items()]
+    psycopg2.extras.execute_values(cur, """
+        UPDATE workers w SET last_probe_at = now(), last_probe_ok = v.ok, last_probe_error = v.error,
+            consecutive_probe_failures = CASE WHEN v.ok THEN 0 ELSE w.consecutive_probe_failures + 1 END
+        FROM (VALUES %s) AS v (worker_id, ok, error)
+        WHERE w.worker_id = v.worker_id""", rows, template="(%s, %s::boolean, %s::text)", page_size=500)
 
 
 def set_desired_status(cur, worker_id: str, desired: str | None):

@@ -6,13 +6,17 @@ ignored so a newer agent can talk to an older control plane.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
+import idna
+
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
-_MODEL = re.compile(r"^[^\s]{1,256}$")
+_MODEL = re.compile(r"^[^\s\x00-\x1f\x7f]{1,256}$")
+_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 WORKER_STATUSES = ("starting", "ready", "draining")
 
 
@@ -52,6 +56,12 @@ def model(body: dict, name: str = "model_id", *, required: bool = True) -> str |
     return value
 
 
+def _control_free(value: str) -> bool:
+    """No control characters (C0, DEL, C1) and no line or paragraph separators: a value
+    that ends up in a log line cannot forge another one."""
+    return not any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 or c in "\u2028\u2029" for c in value)
+
+
 def text(body: dict, name: str, *, required: bool = False, max_len: int = 256) -> str | None:
     value = body.get(name)
     if value is None:
@@ -60,26 +70,57 @@ def text(body: dict, name: str, *, required: bool = False, max_len: int = 256) -
         return None
     if not isinstance(value, str) or len(value) > max_len:
         raise PayloadError(name, f"{name} must be a string of at most {max_len} characters")
+    if not _control_free(value):
+        raise PayloadError(name, f"{name} must not contain control characters (newlines, tabs, escapes)")
     if required and not value.strip():
         raise PayloadError(name, f"{name} must not be empty")
     return value
 
 
+def _valid_host(host: str) -> bool:
+    """An IP literal, or a DNS name whose labels are valid IDNA (letters, digits, hyphens,
+    1-63 characters, not starting or ending with a hyphen; Unicode names as IDNA 2008)."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    if len(host) > 253:
+        return False
+    try:
+        encoded = idna.encode(host.rstrip("."), uts46=True, std3_rules=True).decode("ascii")
+    except (idna.IDNAError, UnicodeError, ValueError):
+        return False
+    return all(_LABEL.match(label) for label in encoded.split("."))
+
+
 def url(body: dict, name: str) -> str:
+    """A worker URL: ``http://host:port[/path]`` — what the routers and the reconciler can
+    use. https is refused until the router speaks TLS to workers."""
+    example = "http://100.64.0.7:8000"
     value = body.get(name)
     if value is None:
         raise PayloadError(name, f"{name} is required")
     if not isinstance(value, str) or len(value) > 512:
-        raise PayloadError(name, f"{name} must be a URL string, e.g. http://100.64.0.7:8000")
+        raise PayloadError(name, f"{name} must be a URL string, e.g. {example}")
+    if not _control_free(value) or any(c.isspace() for c in value):
+        raise PayloadError(name, f"{name} must not contain spaces or control characters, e.g. {example}")
     parsed = urlparse(value)
+    if parsed.scheme == "https":
+        raise PayloadError(name, f"{name}: https worker URLs are not supported yet (the routers and the "
+                                 f"reconciler speak plain HTTP to workers, over the tailnet); use http://, e.g. "
+                                 f"{example}")
     try:
-        port_ok = parsed.port is None or 0 < parsed.port < 65536
+        port = parsed.port
     except ValueError:
-        port_ok = False
-    if parsed.scheme not in ("http", "https") or not parsed.hostname or not port_ok or parsed.query \
-            or parsed.fragment or parsed.username or parsed.password:
-        raise PayloadError(name, f"{name} must be an http(s) URL with a host and no credentials, "
-                                 "e.g. http://100.64.0.7:8000")
+        port = None
+    if parsed.scheme != "http" or not parsed.hostname or port is None or not 0 < port < 65536 \
+            or parsed.query or parsed.fragment or parsed.username is not None or parsed.password is not None \
+            or ";" in parsed.path:
+        raise PayloadError(name, f"{name} must be http://host:port[/path] with no credentials, query or "
+                                 f"fragment, e.g. {example}")
+    if not _valid_host(parsed.hostname):
+        raise PayloadError(name, f"{name}: {parsed.hostname!r} is not a valid host name or IP address")
     return value.rstrip("/")
 
 
