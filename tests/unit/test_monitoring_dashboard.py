@@ -55,5 +55,6 @@ def test_panels_the_issue_asks_for():
     titles = " | ".join(p["title"].lower() for p in load()["panels"])
     for words in ("routable workers", "request rate", "5xx ratio", "ttft", "tokens/s", "queue", "running",
                   "kv-cache", "gpu utilisation", "breaker", "retries", "redis", "heartbeats", "reconcile cycle",
-                  "scaling", "workers by health"):
+                  "scaling", "workers by health", "before the worker", "as clients see it", "attempts per request",
+                  "per api key"):
         assert words in titles, words

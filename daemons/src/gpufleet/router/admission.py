@@ -49,6 +49,7 @@ class Admission:
 
     def admit(self, environ, path: str, exchange) -> Admitted:
         key = self.authenticate(environ)
+        exchange.key_name = key.name
         if key.rpm > 0 and self.limiter is not None:
             wait = self.limiter.check(key.key_id or key.name, key.rpm)
             if wait is not None:

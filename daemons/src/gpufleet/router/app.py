@@ -42,7 +42,7 @@ def _error(err: RequestError) -> Response:
 def create_app(config: RouterConfig, breaker_table: BreakerTable | None = None) -> Flask:
     keys = RedisKeys(config.redis_prefix)
     link = RedisLink(config.redis_url, config.redis_timeout_s, budget_s=config.redis_budget_s)
-    metrics = RouterMetrics(config.metrics_dir)
+    metrics = RouterMetrics(config.metrics_dir, access_log_enabled=config.access_log)
     link.on_change = lambda up: metrics.redis_up.set(1 if up else 0)
     registry = Registry(link, keys, config.refresh_interval_s)
     leases = LeaseManager(link, keys, config.router_id, config.lease_ttl_s)

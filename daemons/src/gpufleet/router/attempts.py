@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from .admission import Admitted
 from .breaker import Breakers
 from .leases import LeaseManager
-from .metrics import RouterMetrics
+from .metrics import RouterMetrics, usage_of
 from .policies import Load, Policy
 from .registry import Worker
 from .respond import RequestError
@@ -58,6 +58,8 @@ class Attempts:
                 break
             worker = self.pick(candidates, exchange)
             attempts += 1
+            if attempts == 1:
+                self.metrics.observe_before_upstream(req.model, time.perf_counter() - exchange.started)
             attempt, answer = self.one(worker, req, exchange)
             outcome = attempt.outcome
             self.metrics.count_attempt(worker.id, outcome.value)
@@ -142,6 +144,7 @@ class Attempts:
             return self._cancelled_or(Attempt(outcome, None, str(exc) or type(exc).__name__), exchange), None
         if attempt.outcome is Outcome.OK:
             self.metrics.observe_ttft(req.model, time.perf_counter() - exchange.started)
+            exchange.usage = usage_of(data)
         return attempt, Answer(resp.status, resp.headers, body=data)
 
     @staticmethod

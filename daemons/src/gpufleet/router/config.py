@@ -43,6 +43,7 @@ class RouterConfig:
     max_response_bytes: int = 64 * 1024 * 1024
     log_level: str = "INFO"
     metrics_dir: str | None = None
+    access_log: bool = False  # one JSON line per request on the gpufleet.router.access logger
     tls_cert_file: str | None = None  # PEM certificate (chain) clients see; with tls_key_file, HTTPS
     tls_key_file: str | None = None
     background: bool = True  # the event listener, refresher and lease renewer (off in some unit tests)
@@ -87,6 +88,7 @@ class RouterConfig:
             max_response_bytes=env.int("GPUFLEET_ROUTER_MAX_RESPONSE_BYTES", 64 * 1024 * 1024, minimum=1024),
             log_level=(env.str("GPUFLEET_LOG_LEVEL", "INFO") or "INFO").upper(),
             metrics_dir=env.str("PROMETHEUS_MULTIPROC_DIR"),
+            access_log=env.bool("GPUFLEET_ROUTER_ACCESS_LOG", False),
             **_tls_files(env),
         )
         if cfg.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):

@@ -38,7 +38,7 @@ class Ledger:
 
 class Exchange:
     __slots__ = ("ledger", "request_id", "started", "model", "status", "worker_id", "lease", "response",
-                 "cancelled", "closed", "_sock", "_client_fd")
+                 "cancelled", "closed", "_sock", "_client_fd", "key_name", "attempts", "ttft", "usage")
 
     def __init__(self, ledger: Ledger, request_id: str):
         self.ledger = ledger
@@ -53,6 +53,8 @@ class Exchange:
         self.closed = False
         self._sock = None      # the upstream socket in use (shut by a cancel)
         self._client_fd = None
+        # figures for metrics.account: the API key's name, workers tried, client-seen TTFT, (prompt, completion)
+        self.key_name, self.attempts, self.ttft, self.usage = "", 0, None, None
         ledger.metrics.inflight.inc()
 
     # -- attempts ----------------------------------------------------------------------------
@@ -61,6 +63,7 @@ class Exchange:
         self.end_attempt()
         self.lease = lease
         self.worker_id = lease.worker_id
+        self.attempts += 1
 
     def attach(self, sock) -> None:
         self._sock = sock
@@ -123,8 +126,10 @@ class Exchange:
         finally:
             metrics.inflight.dec()
             metrics.count_request(self.model, self.status or 500, self.worker_id if self.status else "")
+            duration = time.perf_counter() - self.started
             if self.model:
-                metrics.observe_latency(self.model, time.perf_counter() - self.started)
+                metrics.observe_latency(self.model, duration)
+            metrics.account(self, duration)
 
 
 def _shut(sock) -> None:

@@ -10,6 +10,8 @@ from http import HTTPStatus
 
 from gpufleet.common.openai_errors import error_body
 
+from .metrics import StreamNotes
+
 log = logging.getLogger(__name__)
 
 SSE_HEADERS = [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
@@ -70,10 +72,15 @@ def streamed(exchange, status: int, headers: list, first: bytes, chunks) -> Resp
     ``[DONE]``, so the client never hangs. The lease and the connection are the exchange's:
     it releases them however the relay ends (:meth:`Exchange.close`)."""
 
+    notes = StreamNotes(exchange)
+
     def relay():
         try:
+            notes.note(first)
             yield first
-            yield from chunks
+            for chunk in chunks:
+                notes.note(chunk)
+                yield chunk
         except GeneratorExit:
             exchange.client_left()  # closing the upstream connection cancels the request there
             raise
