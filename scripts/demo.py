@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from support.procs import Daemon, console_script, free_port, wait_http, wait_until  # noqa: E402
+from support.prometheus import PrometheusServer  # noqa: E402
 from support.services import PostgresServer, RedisServer  # noqa: E402
 
 MODEL = "gpufleet/demo-llm"
@@ -76,8 +77,11 @@ def port_or_free(preferred: int) -> int:
 
 
 class Fleet:
-    def __init__(self, workers: int, run_dir: Path):
+    def __init__(self, workers: int, run_dir: Path, monitoring: bool = False):
         self.workers = workers
+        self.monitoring = monitoring  # a Prometheus discovering the fleet through the control plane's SD
+        self.prometheus: PrometheusServer | None = None
+        self.sd_token = "gfs_demo_" + os.urandom(12).hex()
         self.run_dir = run_dir
         self.logs = run_dir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -148,9 +152,13 @@ class Fleet:
         step("control plane and reconciler")
         self.cp_port = port_or_free(8003)
         self.cp_url = f"http://127.0.0.1:{self.cp_port}"
+        self.router_port = port_or_free(8002)
+        self.router_url = f"http://127.0.0.1:{self.router_port}"
+        sd = {"GPUFLEET_SD_TOKEN": self.sd_token, "GPUFLEET_SD_ROUTER_URLS": self.router_url,
+              "GPUFLEET_SD_CONTROLPLANE_URLS": self.cp_url} if self.monitoring else {}
         self.cli("db", "migrate")
         cp = self.start("controlplane", [console_script("gpufleet-controlplane")],
-                        {**common, "GPUFLEET_BIND": f"127.0.0.1:{self.cp_port}"})
+                        {**common, **sd, "GPUFLEET_BIND": f"127.0.0.1:{self.cp_port}"})
         self.start("reconciler", [console_script("gpufleet-reconciler")], common)
         wait_http(f"{self.cp_url}/readyz", timeout=60, proc=cp)
 
@@ -178,8 +186,6 @@ class Fleet:
             self.worker_urls.append((instance, f"http://127.0.0.1:{vllm_port}", f"http://127.0.0.1:{agent_port}"))
 
         step("router")
-        self.router_port = port_or_free(8002)
-        self.router_url = f"http://127.0.0.1:{self.router_port}"
         router = self.start("router", [console_script("gpufleet-router")], {
             "GPUFLEET_REDIS_URL": self.redis.url, "GPUFLEET_VLLM_API_KEY": self.vllm_key,
             "GPUFLEET_BIND": f"127.0.0.1:{self.router_port}", "GPUFLEET_ROUTER_PROCESSES": "2"})
@@ -193,6 +199,10 @@ class Fleet:
 
         step("an API key")
         self.api_key = json.loads(self.cli("keys", "create", "demo", "--json"))["key"]
+        if self.monitoring:
+            step("Prometheus (Debian's package), discovering the fleet at the control plane's /v1/sd/prometheus")
+            self.prometheus = PrometheusServer(f"{self.cp_url}/v1/sd/prometheus", self.sd_token, interval_s=2,
+                                               port=port_or_free(9090)).start()
 
     def _check_alive(self) -> bool:
         """While starting up, any exit is fatal: the fleet is not usable yet."""
@@ -207,6 +217,8 @@ class Fleet:
                 svc.daemon.stop(timeout=10)
                 svc.daemon = None
         self.services.clear()
+        if self.prometheus:
+            self.prometheus.cleanup()
         if self.redis:
             self.redis.cleanup()
         if self.postgres:
@@ -268,16 +280,25 @@ Failover: kill -9 a simulator ({sim_pids}) while requests run; the router retrie
 the others, the worker leaves the ready set, and the demo restarts the process after a back-off.
 
 Press Ctrl-C to stop everything.""", flush=True)
+    if fleet.prometheus:
+        print(f"""
+Prometheus       {fleet.prometheus.url}   (targets: {fleet.prometheus.url}/targets, alerts: /alerts)
+  query to try:  model:gpufleet_router_requests:rate1m   (requests/s per model, from monitoring/rules)
+  dashboard:     import monitoring/grafana/gpufleet.json in Grafana, data source {fleet.prometheus.url}""",
+              flush=True)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--once", action="store_true", help="answer one request, then stop everything")
+    parser.add_argument("--monitoring", action="store_true",
+                        default=os.environ.get("MONITORING", "").lower() in ("1", "true", "yes"),
+                        help="also run a Prometheus scraping the fleet (make demo MONITORING=1)")
     args = parser.parse_args()
 
     run_dir = Path(tempfile.mkdtemp(prefix="gpufleet-demo-"))
-    fleet = Fleet(args.workers, run_dir)
+    fleet = Fleet(args.workers, run_dir, monitoring=args.monitoring)
 
     def on_signal(signum, frame):
         # a second Ctrl-C (or a SIGTERM on top) must not interrupt the clean-up

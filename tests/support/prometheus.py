@@ -28,8 +28,8 @@ def binary(name: str) -> str:
 class PrometheusServer:
     """``prometheus`` scraping what the control plane's HTTP SD lists, every second."""
 
-    def __init__(self, sd_url: str, sd_token: str, *, interval_s: float = 1.0):
-        self.port = free_port()
+    def __init__(self, sd_url: str, sd_token: str, *, interval_s: float = 1.0, port: int | None = None):
+        self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="gpufleet-prometheus-"))
         token_file = self.dir / "sd-token"
         token_file.write_text(sd_token)
