@@ -72,3 +72,37 @@ def test_an_unreachable_control_plane_is_retried_with_backoff_never_fatal(daemon
                    what="the agent to register once the control plane is reachable")
     finally:
         relay.close()
+
+
+def _non_loopback_ipv4() -> str | None:
+    import socket  # noqa: PLC0415
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # no packet is sent: only picks the outgoing address
+            address = probe.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
+def test_by_default_the_agent_listens_on_its_advertised_address_and_loopback_only(daemons, tmp_path):
+    address = _non_loopback_ipv4()
+    if address is None:
+        import pytest  # noqa: PLC0415
+
+        pytest.skip("this machine has no non-loopback IPv4 address")
+    port = daemons.port()
+    env = agent_env(instance_id="gpu-a", control_plane_url="http://127.0.0.1:9", model_id="m",
+                    vllm_base_url="http://127.0.0.1:9", port=port, GPUFLEET_BIND=None,
+                    AGENT_PORT=str(port), ADVERTISE_URL=f"http://{address}:8000")
+    agent = daemons.start("agent", [console_script("gpufleet-agent")], env)
+    wait_until(lambda: requests.get(f"http://{address}:{port}/healthz", timeout=2).status_code == 200, timeout=30,
+               what="the agent on its advertised address")
+    assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200  # local operators
+    try:
+        requests.get(f"http://127.0.0.2:{port}/healthz", timeout=2)  # another local address: not bound
+        raise AssertionError("the agent answered on 127.0.0.2: it listens on every interface")
+    except requests.ConnectionError:
+        pass
+    assert agent.alive()

@@ -118,3 +118,14 @@ def test_counters_are_summed_over_gunicorn_processes_and_survive_a_worker_restar
         assert client.heartbeat("i1", token).status_code == 200
     metrics = requests.get(url + "/metrics", timeout=10).text
     assert 'gpufleet_cp_heartbeats_total{status="starting"} 12.0' in metrics
+
+
+def test_metrics_only_for_the_allowed_scrapers(daemons, database_url, redis_url):
+    _, url = start_control_plane(daemons, cp_env(database_url, redis_url, GPUFLEET_METRICS_ALLOW_FROM="10.9.9.9/32"))
+    denied = requests.get(url + "/metrics", timeout=10)
+    assert denied.status_code == 403 and "GPUFLEET_METRICS_ALLOW_FROM" in denied.json()["error"]["message"]
+    assert requests.get(url + "/healthz", timeout=10).status_code == 200
+    _, open_url = start_control_plane(daemons, cp_env(database_url, redis_url,
+                                                      GPUFLEET_METRICS_ALLOW_FROM="127.0.0.1, 10.9.9.9"),
+                                      name="cp-allowed", migrate_first=False)
+    assert requests.get(open_url + "/metrics", timeout=10).status_code == 200

@@ -17,7 +17,8 @@ def test_defaults_and_derived_urls():
     assert config.vllm_base_url == "http://127.0.0.1:8000"
     assert config.advertise_url == "http://100.64.0.7:8000"
     assert config.agent_url == "http://100.64.0.7:8080"  # advertise host + agent port
-    assert (config.bind_host, config.bind_port) == ("0.0.0.0", 8080)
+    # it listens on its advertised address (and loopback for local operators), not 0.0.0.0
+    assert (config.bind_host, config.bind_port, config.extra_bind_hosts) == ("100.64.0.7", 8080, ("127.0.0.1",))
     assert config.heartbeat_interval_s == 10.0
     assert config.tensor_parallel_size == 1
 
@@ -30,7 +31,7 @@ def test_advertise_defaults_to_vllm_and_bind_wins_over_agent_port():
     assert config.worker_id == "w-7" and config.tensor_parallel_size == 4
     assert config.gpu_memory_utilization == pytest.approx(0.85)
     config = load_config({**BASE, "GPUFLEET_BIND": "127.0.0.1:9200", "AGENT_PORT": "9100"})
-    assert (config.bind_host, config.bind_port) == ("127.0.0.1", 9200)
+    assert (config.bind_host, config.bind_port, config.extra_bind_hosts) == ("127.0.0.1", 9200, ())
     assert config.agent_url == "http://127.0.0.1:9200"
 
 
@@ -56,3 +57,20 @@ def test_token_file_folder_must_exist_but_the_file_may_not(tmp_path):
     assert config.worker_auth_token_file == str(tmp_path / "token")
     assert not (tmp_path / "token").exists()
     assert stat.S_ISDIR(os.stat(tmp_path).st_mode)
+
+
+def test_default_bind_follows_agent_url_and_stays_local_without_an_advertised_address():
+    assert (load_config(BASE).bind_host, load_config(BASE).extra_bind_hosts) == ("127.0.0.1", ())
+    config = load_config({**BASE, "AGENT_URL": "http://gpu-01.tailnet.ts.net:8080"})
+    assert (config.bind_host, config.extra_bind_hosts) == ("gpu-01.tailnet.ts.net", ("127.0.0.1",))
+
+
+def test_join_secret_file_must_be_private(tmp_path):
+    path = tmp_path / "join-secret"
+    assert load_config({**BASE, "WORKER_JOIN_SECRET_FILE": str(path)}).worker_join_secret_file == str(path)  # not yet
+    path.write_text("gfj_x\n")
+    path.chmod(0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        load_config({**BASE, "WORKER_JOIN_SECRET_FILE": str(path)})
+    path.chmod(0o600)
+    assert load_config({**BASE, "WORKER_JOIN_SECRET_FILE": str(path)}).worker_join_secret_file == str(path)

@@ -27,7 +27,8 @@ def main() -> None:
     # Every request is instant, so a short graceful timeout only cuts idle keep-alive
     # connections (the reconciler's probes) instead of holding a stop for seconds.
     serve(factory, config.bind_host, config.bind_port, workers=1, worker_class="gevent",
-          graceful_timeout=1, keepalive=10, extra={"worker_exit": _stop_loops})
+          graceful_timeout=1, keepalive=10, extra={"worker_exit": _stop_loops},
+          extra_hosts=config.extra_bind_hosts)
 
 
 def _stop_loops(server, worker) -> None:

@@ -7,6 +7,8 @@ import ipaddress
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
+from gpufleet.common.metrics_access import guard_metrics
+
 from . import readiness
 from .agent import Agent
 from .config import AgentConfig
@@ -89,6 +91,7 @@ def create_app(config: AgentConfig, *, start: bool = True, agent: Agent | None =
     """Build the app; ``start`` launches the background loops (the server does so after the
     fork; tests of the routes alone pass ``start=False``)."""
     app = Flask("gpufleet.agent")
+    guard_metrics(app, config.metrics_allow_from)
     agent = agent or Agent(config)
     app.extensions["gpufleet_agent"] = agent
     app.extensions["gpufleet_agent_registry"] = build_registry(agent)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
 from gpufleet.common.config import ConfigError, Env
+from gpufleet.common.metrics_access import allow_from_env
 
 DEFAULT_AGENT_PORT = 8080
 DEFAULT_VLLM_BASE_URL = "http://127.0.0.1:8000"
@@ -27,8 +29,11 @@ class AgentConfig:
     gpu_memory_utilization: float = 0.9
     vllm_base_url: str = DEFAULT_VLLM_BASE_URL
     vllm_api_key: str | None = None
-    bind_host: str = "0.0.0.0"
+    bind_host: str = "127.0.0.1"
     bind_port: int = DEFAULT_AGENT_PORT
+    # also served on loopback (local /drain, health checks) when bound to another address
+    extra_bind_hosts: tuple = ()
+    metrics_allow_from: tuple = ()
     advertise_url: str = DEFAULT_VLLM_BASE_URL
     agent_url: str = f"http://127.0.0.1:{DEFAULT_AGENT_PORT}"
     heartbeat_interval_s: float = 10.0
@@ -60,10 +65,11 @@ def load_config(environ: Mapping[str, str] | None = None) -> AgentConfig:
     vllm_base_url = env.url("VLLM_BASE_URL", DEFAULT_VLLM_BASE_URL, example=DEFAULT_VLLM_BASE_URL)
     advertise_url = env.url("ADVERTISE_URL", vllm_base_url, example="http://100.64.0.7:8000")
 
-    if env.raw("GPUFLEET_BIND"):
-        host, port = env.bind("GPUFLEET_BIND", f"0.0.0.0:{DEFAULT_AGENT_PORT}")
+    explicit_bind = env.raw("GPUFLEET_BIND") is not None
+    if explicit_bind:
+        host, port = env.bind("GPUFLEET_BIND", f"127.0.0.1:{DEFAULT_AGENT_PORT}")
     else:
-        host = "0.0.0.0"
+        host = None
         port = env.int("AGENT_PORT", DEFAULT_AGENT_PORT, minimum=1, maximum=65535)
 
     agent_url = env.url("AGENT_URL", None, example="http://100.64.0.7:8080")
@@ -72,6 +78,13 @@ def load_config(environ: Mapping[str, str] | None = None) -> AgentConfig:
         if ":" in advertised_host:
             advertised_host = f"[{advertised_host}]"
         agent_url = f"http://{advertised_host}:{port}"
+    extra_hosts: tuple = ()
+    if not explicit_bind:
+        # by default the agent listens only where it is reached: its advertised address
+        # (the tailnet), plus loopback for local operators; never every interface
+        host = urlparse(agent_url).hostname or "127.0.0.1"
+        if not _is_loopback(host):
+            extra_hosts = ("127.0.0.1",)
 
     token_file = env.str("WORKER_AUTH_TOKEN_FILE")
     if token_file is not None:
@@ -95,6 +108,8 @@ def load_config(environ: Mapping[str, str] | None = None) -> AgentConfig:
         vllm_api_key=env.str("VLLM_API_KEY"),
         bind_host=host,
         bind_port=port,
+        extra_bind_hosts=extra_hosts,
+        metrics_allow_from=allow_from_env(env),
         advertise_url=advertise_url,
         agent_url=agent_url,
         heartbeat_interval_s=_positive(env, "HEARTBEAT_INTERVAL_S", 10.0, minimum=0.1),
@@ -107,6 +122,13 @@ def load_config(environ: Mapping[str, str] | None = None) -> AgentConfig:
         scaling_ttft_window_s=_positive(env, "SCALING_TTFT_WINDOW_S", 20.0, minimum=1.0),
         log_level=_log_level(env),
     )
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _log_level(env: Env) -> str:

@@ -30,12 +30,12 @@ class _App(BaseApplication):
 def serve(factory: Callable[[], object], host: str, port: int, *, workers: int = 1,
           worker_class: str = "gevent", worker_connections: int = 1000, timeout: int = 0,
           graceful_timeout: int = 30, keepalive: int = 75, access_log: bool = False,
-          extra: dict | None = None) -> None:
+          extra: dict | None = None, extra_hosts: tuple = ()) -> None:
     """Run gunicorn until it exits. ``timeout=0`` disables the idle-worker killer, which
     would otherwise break long streams under gevent workers."""
-    bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    binds = [f"[{h}]:{port}" if ":" in h else f"{h}:{port}" for h in (host, *extra_hosts)]
     options = {
-        "bind": bind,
+        "bind": binds,
         "workers": workers,
         "worker_class": worker_class,
         "worker_connections": worker_connections,

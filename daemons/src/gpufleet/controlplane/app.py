@@ -9,6 +9,7 @@ from flask import Flask
 from prometheus_client import CollectorRegistry
 from werkzeug.exceptions import HTTPException
 
+from gpufleet.common.metrics_access import guard_metrics
 from gpufleet.common.rediskeys import RedisKeys
 from gpufleet.controlplane.api_admin import admin
 from gpufleet.controlplane.api_base import ApiError, Services, error_response
@@ -40,6 +41,7 @@ def create_app(config: ControlPlaneConfig) -> Flask:
         publisher=Publisher(client, RedisKeys(config.redis_prefix), config.heartbeat_interval_s),
         registry=registry, metrics=ApiMetrics(registry), fleet=fleet)
 
+    guard_metrics(app, config.metrics_allow_from)
     app.register_blueprint(health)
     app.register_blueprint(worker_api)
     app.register_blueprint(admin)

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from gpufleet.common.config import ConfigError, Env, redact_url, secret_hash
+from gpufleet.common.metrics_access import allow_from_env
 from gpufleet.common.rediskeys import DEFAULT_PREFIX
 from gpufleet.controlplane.scaling import ScalingSettings
 from gpufleet.controlplane.sd import SdSettings
@@ -30,6 +31,7 @@ class ControlPlaneConfig:
     log_level: str = "INFO"
     scaling: ScalingSettings = field(default_factory=ScalingSettings)
     sd: SdSettings = field(default_factory=SdSettings)
+    metrics_allow_from: tuple = ()
 
     @property
     def stale_after_s(self) -> float:
@@ -76,4 +78,5 @@ class ControlPlaneConfig:
             log_level=env.str("GPUFLEET_LOG_LEVEL", "INFO"),
             scaling=ScalingSettings.from_env(env),
             sd=SdSettings.from_env(env),
+            metrics_allow_from=allow_from_env(env),
         )
