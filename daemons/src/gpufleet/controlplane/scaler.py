@@ -322,13 +322,20 @@ class Scaler:
         model_id, action = row["model_id"], row["action"]
         undrained = None
         backoff_until = time.time() + self.settings.failure_backoff_s
-        with self.db.cursor() as cur:
-            if not outcome.ok and action == "scale_down" and row["drain_worker_id"]:
-                undrained = self.settings.undrain_on_failure and sql.undrain(cur, row["drain_worker_id"])
-            sql.finish(cur, row["decision_id"], outcome.outcome, outcome.error, outcome.stdout, outcome.stderr,
-                       undrained)
-            if not outcome.ok:
-                sql.set_backoff(cur, model_id, action, backoff_until)
+        for attempt in range(3):  # a database blip must not turn a known outcome into an unknown one
+            try:
+                with self.db.cursor() as cur:
+                    if not outcome.ok and action == "scale_down" and row["drain_worker_id"]:
+                        undrained = self.settings.undrain_on_failure and sql.undrain(cur, row["drain_worker_id"])
+                    sql.finish(cur, row["decision_id"], outcome.outcome, outcome.error, outcome.stdout,
+                               outcome.stderr, undrained)
+                    if not outcome.ok:
+                        sql.set_backoff(cur, model_id, action, backoff_until)
+                break
+            except psycopg2.OperationalError:
+                if attempt == 2:
+                    raise
+                time.sleep(2.0)
         if not outcome.ok:
             with self._states_lock:
                 state = self.states.get(model_id, ScalingState())

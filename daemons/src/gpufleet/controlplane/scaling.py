@@ -1,16 +1,19 @@
-"""The scaling policy: a pure function of a model's load and history → desired replicas.
+"""Scaling settings (read and checked at start) and the policy: a pure function of a
+model's load and history → desired replicas.
 
-Inputs per model (from the workers' heartbeats): global queue depth, the worst p95 TTFT,
-mean GPU utilisation and the number of routable replicas. The policy
+Inputs per model (from the workers' heartbeats): global queue depth, the worst p95 TTFT
+(over the agents' scaling window), mean GPU utilisation and the number of routable
+replicas. The policy
 
-- scales up by one (or more, when the queue is far above target) when the queue per
-  replica is above target, or p95 TTFT breaks the SLO, or GPUs are saturated;
+- scales up when the queue per replica is above target, or p95 TTFT breaks the SLO, or
+  GPUs are saturated — by the largest step any of these signals asks for;
 - scales down by one only when every signal is comfortably low (below a lower band:
   hysteresis) for ``scale_down_stable_s``, draining the least-loaded worker;
-- respects min/max bounds and separate scale-up / scale-down cool-downs.
+- respects min/max bounds, separate scale-up / scale-down cool-downs, and holds an action
+  whose last actuation failed for ``failure_backoff_s``.
 
 Nothing here touches a socket or a clock: ``now`` is passed in, so the unit tests can
-walk it through time.
+walk it through time. What happens around a decision is ``scaler.py`` (docs/scaling.md).
 """
 
 from __future__ import annotations
