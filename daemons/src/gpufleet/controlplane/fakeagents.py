@@ -53,8 +53,9 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, co
         else:
             writer.write(_response("404 Not Found", b'{"reason":"no such fake agent"}'))
         await writer.drain()
-    except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError):
-        pass
+    except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError,
+            asyncio.CancelledError):
+        pass  # a cancelled trickle (the server stopping) ends quietly
     finally:
         with contextlib.suppress(OSError):
             writer.close()
