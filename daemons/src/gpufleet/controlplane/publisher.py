@@ -115,16 +115,44 @@ class Publisher:
 
     def publish_worker_row(self, row: Mapping) -> bool:
         """Make a ``workers`` row routable, with the load its last heartbeat reported."""
-        return self.publish_worker(
-            row["worker_id"], row["model_id"], row["advertise_url"], status="ready",
-            queue_depth=row["queue_depth"], running=row["running"], kv_cache_usage=row["kv_cache_usage"],
-            gpu_util=row["gpu_util"], ttft_p95_ms=row["ttft_p95_ms"])
+        return self.publish_worker(**_row_fields(row))
 
     def publish_worker(self, worker_id: str, model_id: str, url: str, status: str = "ready",
                        queue_depth=0, running=0, kv_cache_usage=0.0, gpu_util=0.0,
                        ttft_p95_ms=0.0) -> bool:
         """Make the worker routable for ``model_id``. Returns True when it newly entered
         the ready set (a ``ready`` event was published)."""
+        keys, argv = self._publish_call(worker_id, model_id, url, status, queue_depth, running, kv_cache_usage,
+                                        gpu_util, ttft_p95_ms)
+        return self._after_publish(worker_id, model_id, argv, self._publish_script(keys=keys, args=argv))
+
+    def apply(self, publish: list[Mapping], unpublish: list[tuple[str, str, str]]) -> int:
+        """Many workers at once, in one round trip (the reconciler's cycle): publish these
+        ``workers`` rows, unpublish these ``(worker_id, model_id, reason)``. Events go out
+        exactly as one call each would send them. Returns the number of transitions."""
+        if not publish and not unpublish:
+            return 0
+        pipe = self.redis.pipeline(transaction=False)
+        calls = []
+        for row in publish:
+            fields = _row_fields(row)
+            keys, argv = self._publish_call(**fields)
+            self._publish_script(keys=keys, args=argv, client=pipe)
+            calls.append(("publish", fields["worker_id"], fields["model_id"], argv))
+        for worker_id, model_id, reason in unpublish:
+            keys, argv = self._unpublish_call(worker_id, model_id, reason)
+            self._unpublish_script(keys=keys, args=argv, client=pipe)
+            calls.append(("unpublish", worker_id, model_id, reason))
+        transitions = 0
+        for (kind, worker_id, model_id, extra), result in zip(calls, pipe.execute(), strict=True):
+            if kind == "publish":
+                transitions += self._after_publish(worker_id, model_id, extra, result)
+            else:
+                transitions += self._after_unpublish(worker_id, model_id, extra, result)
+        return transitions
+
+    def _publish_call(self, worker_id: str, model_id: str, url: str, status: str = "ready", queue_depth=0,
+                      running=0, kv_cache_usage=0.0, gpu_util=0.0, ttft_p95_ms=0.0):
         fields = {
             "url": url.rstrip("/"), "model_id": model_id, "status": status,
             "queue_depth": _num(queue_depth), "running": _num(running),
@@ -134,18 +162,21 @@ class Publisher:
         argv = [self.worker_ttl_ms, worker_id, model_id]
         for name, value in fields.items():
             argv += [name, value]
-        added, previous_model = self._publish_script(
-            keys=[self.keys.worker(worker_id), self.keys.ready_set(model_id), self.keys.models], args=argv)
+        return [self.keys.worker(worker_id), self.keys.ready_set(model_id), self.keys.models], argv
+
+    def _after_publish(self, worker_id: str, model_id: str, argv: list, result) -> bool:
+        added, previous_model = result
         if isinstance(previous_model, bytes):
             previous_model = previous_model.decode()
         if previous_model and previous_model != model_id:
             # the worker now serves another model: it must not stay routable for the old one
+            status, updated_at = argv[argv.index("status") + 1], argv[argv.index("updated_at") + 1]
             self._unpublish_script(
                 keys=[self.keys.ready_set(previous_model), self.keys.models, self.keys.worker(worker_id)],
-                args=[worker_id, previous_model, status, fields["updated_at"]])
+                args=[worker_id, previous_model, status, updated_at])
             self._event(EVENT_UNREADY, worker_id, previous_model)
         if int(added):
-            log.info("worker %s is routable for %s at %s", worker_id, model_id, fields["url"])
+            log.info("worker %s is routable for %s at %s", worker_id, model_id, argv[argv.index("url") + 1])
             self._event(EVENT_READY, worker_id, model_id)
             return True
         return False
@@ -154,12 +185,17 @@ class Publisher:
         """Take the worker out of rotation at once. ``unready`` and ``draining`` keep its
         hash (marked with that status, expiring on its own TTL); ``removed`` deletes it.
         Returns True (and publishes the event) when it was in the ready set."""
+        keys, argv = self._unpublish_call(worker_id, model_id, reason)
+        return self._after_unpublish(worker_id, model_id, reason, self._unpublish_script(keys=keys, args=argv))
+
+    def _unpublish_call(self, worker_id: str, model_id: str, reason: str):
         if reason not in UNPUBLISH_REASONS:
             raise ValueError(f"reason must be one of {UNPUBLISH_REASONS}, not {reason!r}")
         mark = "" if reason == EVENT_REMOVED else reason
-        removed = self._unpublish_script(
-            keys=[self.keys.ready_set(model_id), self.keys.models, self.keys.worker(worker_id)],
-            args=[worker_id, model_id, mark, _num(round(time.time(), 3))])
+        return ([self.keys.ready_set(model_id), self.keys.models, self.keys.worker(worker_id)],
+                [worker_id, model_id, mark, _num(round(time.time(), 3))])
+
+    def _after_unpublish(self, worker_id: str, model_id: str, reason: str, removed) -> bool:
         if int(removed):
             log.info("worker %s left the ready set of %s (%s)", worker_id, model_id, reason)
             self._event(reason, worker_id, model_id)
@@ -244,6 +280,14 @@ class Publisher:
     def _event(self, event_type: str, worker_id: str | None = None, model_id: str | None = None,
                **extra) -> None:
         self.redis.publish(self.keys.events, encode_event(event_type, worker_id, model_id, **extra))
+
+
+def _row_fields(row: Mapping) -> dict:
+    """``publish_worker``'s arguments for a ``workers`` row."""
+    return {"worker_id": row["worker_id"], "model_id": row["model_id"], "url": row["advertise_url"],
+            "status": "ready", "queue_depth": row["queue_depth"], "running": row["running"],
+            "kv_cache_usage": row["kv_cache_usage"], "gpu_util": row["gpu_util"],
+            "ttft_p95_ms": row["ttft_p95_ms"]}
 
 
 def _decoded(mapping: Mapping) -> dict[str, str]:

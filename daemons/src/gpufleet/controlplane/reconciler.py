@@ -81,9 +81,10 @@ class Reconciler:
         return {"targets": len(targets), "probed": len(outcome.results), "skipped": len(outcome.skipped),
                 "probe_ms": round(outcome.seconds * 1000, 1)}
 
-    def prompt_probe(self, worker_ids: set[str]) -> int:
+    def prompt_probe(self, worker_ids: set[str], budget_s: float) -> int:
         """Probe workers that asked (a ``ready`` heartbeat) right away, at most once per
-        interval each, and publish the outcome; returns how many were probed."""
+        interval each and within ``budget_s`` (the time left before the next cycle), and
+        publish the outcome; returns how many were probed."""
         now = time.monotonic()
         due = {w for w in worker_ids
                if now - self._prompt_probed.get(w, float("-inf")) >= self.config.reconcile_interval_s}
@@ -93,20 +94,22 @@ class Reconciler:
             rows = [r for r in (store.get_worker(cur, w) for w in due) if r is not None and r["retired_at"] is None]
         targets = {r["worker_id"]: r["agent_url"] for r in rows}
         outcome = probe_many(targets, self.config.probe_timeout_s, self.config.probe_concurrency,
-                             min(self.config.probe_timeout_s, probe_budget_s(self.config)))
+                             min(self.config.probe_timeout_s, budget_s))
         for worker_id in targets:
             self._prompt_probed[worker_id] = now
         with self.db.cursor() as cur:
             store.record_probes(cur, outcome.results)
             rows = [store.get_worker(cur, w) for w in outcome.results]
+        publish, unpublish = [], []
         for row in rows:
             if row is None:
                 continue
             verdict = assess_row(row, self.config.stale_after_s)
             if verdict.routable:
-                self.publisher.publish_worker_row(row)
+                publish.append(row)
             else:
-                self.publisher.unpublish_worker(row["worker_id"], row["model_id"], verdict.event)
+                unpublish.append((row["worker_id"], row["model_id"], verdict.event))
+        self.publisher.apply(publish, unpublish)
         return len(outcome.results)
 
     def reconcile_once(self) -> dict:
@@ -119,6 +122,7 @@ class Reconciler:
 
         routable: dict[str, set[str]] = {}
         known = {}
+        publish, unpublish = [], []
         for row in rows:
             known[row["worker_id"]] = row
             verdict = assess_row(row, self.config.stale_after_s)
@@ -128,9 +132,10 @@ class Reconciler:
                 self._last_health[row["worker_id"]] = verdict.health
             if verdict.routable:
                 routable.setdefault(row["model_id"], set()).add(row["worker_id"])
-                self.publisher.publish_worker_row(row)
+                publish.append(row)
             else:
-                self.publisher.unpublish_worker(row["worker_id"], row["model_id"], verdict.event)
+                unpublish.append((row["worker_id"], row["model_id"], verdict.event))
+        self.publisher.apply(publish, unpublish)  # one round trip for the whole fleet
 
         # anything else in a ready set (a worker deleted from the database, or published
         # under another model) leaves at once
@@ -225,9 +230,10 @@ def _wait_for_next_cycle(reconciler: Reconciler, asked: ProbeRequests, stop: thr
         if remaining <= 0:
             return
         workers = asked.wait(min(remaining, 0.25))  # short slices so a stop is seen promptly
-        if workers:
+        budget = next_cycle_at - time.monotonic()
+        if workers and budget >= 0.1:  # too late: the cycle probes them anyway
             try:
-                reconciler.prompt_probe(workers)
+                reconciler.prompt_probe(workers, budget)
             except (redis.RedisError, OSError) as exc:
                 log.error("prompt probe failed (redis): %s", exc)
             except Exception:  # noqa: BLE001 - a prompt probe must not kill the loop
