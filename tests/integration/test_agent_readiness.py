@@ -56,8 +56,9 @@ def wait_readyz(agent_url, status, timeout=20.0, what=""):
 def test_not_ready_while_loading_then_ready_only_after_the_warm_up(daemons, cp, tmp_path):
     port = daemons.port()
     startup_delay = 5.0
-    sim, sim_url = start_sim(daemons, MODEL, "--startup-delay", str(startup_delay), "--enable-fault-api",
-                             port=port, wait=False)
+    # --listen-while-loading: an open port that answers 503 (real vLLM keeps it closed; tests/vllm covers that)
+    sim, sim_url = start_sim(daemons, MODEL, "--startup-delay", str(startup_delay), "--listen-while-loading",
+                             "--enable-fault-api", port=port, wait=False)
     _, agent_url = start_agent(daemons, env_for("gpu-a", cp, sim_url, daemons.port(), tmp_path))
     # the model is "loading": /health answers 503; the port is open but that is never "ready"
     wait_until(lambda: requests.get(sim_url + "/health", timeout=2).status_code == 503, timeout=15,

@@ -21,7 +21,7 @@ def test_vllm_names_labels_and_process_start_time():
     assert running.labels == {"model_name": "served", "engine": "0"} and running.value == 3
     assert found["vllm:kv_cache_usage_perc"].samples[0].value == 0.25
     reasons = {s.labels["finished_reason"] for s in found["vllm:request_success"].samples}
-    assert reasons == {"stop", "length", "abort"}
+    assert reasons == {"stop", "length", "abort", "error", "repetition"}  # as vLLM 0.32
     assert found["vllm:prompt_tokens"].type == "counter"
     text = metrics.render().decode()
     assert 'vllm:prompt_tokens_total{engine="0",model_name="served"} 0.0' in text

@@ -9,7 +9,8 @@ def test_defaults_match_the_agreed_interface():
     o = parse_args(["facebook/opt-125m"])
     assert (o.host, o.port, o.max_num_seqs, o.seed) == ("127.0.0.1", 8000, 256, 0)
     assert (o.ttft_ms, o.itl_ms, o.prefill_ms_per_token, o.jitter, o.slowdown_per_seq) == (40, 8, 0.02, 0.1, 0.01)
-    assert (o.default_max_tokens, o.startup_delay, o.fault_rate, o.enable_fault_api) == (16, 0, 0, False)
+    assert (o.default_max_tokens, o.startup_delay, o.fault_rate, o.enable_fault_api) == (None, 0, 0, False)
+    assert not o.listen_while_loading
     assert o.served_names == ("facebook/opt-125m",)
     assert o.keep_alive_timeout == 5  # vLLM's (uvicorn's) idle keep-alive timeout
 

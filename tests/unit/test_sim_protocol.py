@@ -52,12 +52,42 @@ def test_chat_bad_fields_are_400_naming_the_field(change, param):
     assert e.status == 400 and e.param == param
     body = e.body()
     assert set(body["error"]) == {"message", "type", "param", "code"}
-    assert body["error"]["type"] == "invalid_request_error"
+    assert body["error"]["type"] == "BadRequestError" and body["error"]["code"] == 400  # as vLLM
 
 
 def test_unknown_model_is_404():
     e = err(parse_chat, {**CHAT, "model": "gpt-9"}, LIMITS)
     assert e.status == 404 and "gpt-9" in e.message
+    assert e.body()["error"] == {"message": e.message, "type": "NotFoundError", "param": "model", "code": 404}
+
+
+@pytest.mark.parametrize("change, status", [
+    ({"temperature": -1}, 404),     # values are checked after the model, as vLLM does
+    ({"max_tokens": 0}, 404),
+    ({"max_tokens": 10**6}, 404),
+    ({"n": 3}, 404),
+    ({"max_tokens": "5"}, 400),     # the shape (types, required fields) before it
+    ({"messages": "hi"}, 400),
+])
+def test_unknown_model_and_a_bad_field_which_comes_first(change, status):
+    assert err(parse_chat, {**CHAT, "model": "gpt-9", **change}, LIMITS).status == status
+
+
+def test_max_tokens_cut_to_the_room_left_as_vllm():
+    long_prompt = {"model": "opt", "prompt": list(range(100))}
+    assert parse_completion({**long_prompt, "max_tokens": 50}, LIMITS).max_tokens == 28   # 128 - 100
+    assert parse_completion({**long_prompt, "max_tokens": 5}, LIMITS).max_tokens == 5
+    e = err(parse_completion, {**long_prompt, "max_tokens": 129}, LIMITS)
+    assert e.status == 400 and e.param == "max_tokens" and "max_model_len=128" in e.message
+    e = err(parse_completion, {"model": "opt", "prompt": list(range(128))}, LIMITS)
+    assert e.status == 400 and e.param == "input_tokens"
+
+
+def test_default_max_tokens_as_vllm():
+    vllm_defaults = Limits(("opt",), 128)
+    assert parse_completion({"prompt": [1, 2, 3]}, vllm_defaults).max_tokens == 16
+    chat = parse_chat(CHAT, vllm_defaults)
+    assert chat.max_tokens == 128 - chat.prompt_tokens  # chat: the rest of the context
 
 
 def test_chat_defaults_and_aliases():

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import signal
+import sys
+import time
 
 from aiohttp import web
 
@@ -17,9 +21,16 @@ def main(argv: list[str] | None = None) -> None:
     log = setup_logging("gpufleet.sim", options.log_level)
     if not options.access_log:
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    app = create_app(options)
     latency = (f"ttft {options.ttft_ms} ms, itl {options.itl_ms} ms, jitter {options.jitter}, "
                f"startup delay {options.startup_delay} s")
+    if options.startup_delay and not options.listen_while_loading:
+        # vLLM opens its port only once the model is loaded: a client meets "connection refused"
+        log.info("gpufleet-vllm-sim: loading the model for %.1f s (port %d closed until then, as vLLM's)",
+                 options.startup_delay, options.port)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        time.sleep(options.startup_delay)
+        options = dataclasses.replace(options, startup_delay=0.0)
+    app = create_app(options)
     log.info("gpufleet-vllm-sim: serving %s as %s on http://%s:%d (max-num-seqs %d, %s)",
              options.model, ", ".join(options.served_names), options.host, options.port,
              options.max_num_seqs, latency)

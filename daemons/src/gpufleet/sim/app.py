@@ -71,6 +71,10 @@ def _error_from(err: RequestError) -> web.Response:
     return web.Response(status=err.status, body=json.dumps(err.body()).encode(), content_type=JSON)
 
 
+def _unauthorized() -> web.Response:
+    return web.json_response({"error": "Unauthorized"}, status=401)  # vLLM's body, word for word
+
+
 def _loading() -> web.Response:
     return _error(503, "loading the model: the server is starting", code="model_loading")
 
@@ -130,7 +134,7 @@ async def version(request: web.Request) -> web.StreamResponse:
 async def models(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     if state.unauthorized(request):
-        return _error(401, "Unauthorized: send Authorization: Bearer <API key>")
+        return _unauthorized()
     failed = await _probe_fault(request, state)
     if failed is not None:
         return failed
@@ -141,7 +145,7 @@ async def models(request: web.Request) -> web.StreamResponse:
         "id": name, "object": "model", "created": created, "owned_by": "vllm",
         "root": state.options.model, "parent": None, "max_model_len": state.options.max_model_len,
         "permission": [{
-            "id": f"modelperm-{os.urandom(16).hex()}", "object": "model_permission", "created": created,
+            "id": f"modelperm-{os.urandom(8).hex()}", "object": "model_permission", "created": created,
             "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
             "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
             "organization": "*", "group": None, "is_blocking": False,
@@ -170,7 +174,7 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     arrival = time.monotonic()
     state = request.app[STATE]
     if state.unauthorized(request):
-        return _error(401, "Unauthorized: send Authorization: Bearer <API key>")
+        return _unauthorized()
     if state.loading:
         return _loading()
     try:
@@ -186,7 +190,7 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     if fault == "reset" and not req.stream:
         return await _reset(request)
     prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
-    request_id = prefix + (request.headers.get("X-Request-Id") or os.urandom(16).hex())
+    request_id = prefix + (request.headers.get("X-Request-Id") or os.urandom(8).hex())  # 16 hex, as vLLM 0.32
     created = int(time.time())
     slow = fault == "slow"
     if req.stream:

@@ -19,7 +19,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.utils import floatToGoString
 
 LABELS = ("model_name", "engine")
-FINISH_REASONS = ("stop", "length", "abort")
+FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")  # vLLM 0.32 exports all five
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -91,6 +91,7 @@ class SimMetrics:
         self.prompt_tokens = Count()
         self.generation_tokens = Count()
         self.num_preemptions = Count()
+        self.prefix_cache_hits = Count()  # no prefix caching is simulated: every queried token misses
         self.success = {reason: Count() for reason in FINISH_REASONS}
         token_buckets = build_1_2_5_buckets(max_model_len)
         self.request_prompt_tokens = Histo(token_buckets)
@@ -139,7 +140,11 @@ class SimMetrics:
                                  ("vllm:generation_tokens", "Number of generation tokens processed.",
                                   self.generation_tokens),
                                  ("vllm:num_preemptions", "Cumulative number of preemption from the engine.",
-                                  self.num_preemptions)):
+                                  self.num_preemptions),
+                                 ("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried "
+                                  "tokens.", self.prompt_tokens),
+                                 ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
+                                  self.prefix_cache_hits)):
             family = CounterMetricFamily(name, doc, labels=LABELS)
             family.add_metric(labels, count.value)
             yield family

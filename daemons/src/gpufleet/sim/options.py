@@ -25,9 +25,10 @@ class SimOptions:
     prefill_ms_per_token: float = 0.02
     jitter: float = 0.1
     slowdown_per_seq: float = 0.01
-    default_max_tokens: int = 16
+    default_max_tokens: int | None = None
     output_len_range: tuple[int, int] = (32, 512)
     startup_delay: float = 0.0
+    listen_while_loading: bool = False
     fault_rate: float = 0.0
     fault_mode: str = "error"
     fault_scope: str = "completions"
@@ -95,13 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="each latency varies uniformly by ± this fraction")
     g.add_argument("--slowdown-per-seq", type=_number(float, 0), default=0.01,
                    help="each running sequence beyond the first makes steps this fraction slower")
-    g.add_argument("--default-max-tokens", type=_number(int, 1, what="a whole number"), default=16,
-                   help="max_tokens when a request gives none")
+    g.add_argument("--default-max-tokens", type=_number(int, 1, what="a whole number"), default=None,
+                   help="max_tokens when a request gives none (default as vLLM: 16 for text completions, "
+                        "the rest of the context for chat)")
     g.add_argument("--output-len-range", type=_range, default=(32, 512), metavar="MIN:MAX",
                    help="natural answer length before end-of-sequence (finish_reason stop), "
                         "drawn per prompt (default 32:512)")
     g.add_argument("--startup-delay", type=_number(float, 0), default=0.0,
-                   help="seconds of 'loading the model' (503) after start")
+                   help="seconds of 'loading the model' after start: the port stays closed, as vLLM's")
+    g.add_argument("--listen-while-loading", action="store_true",
+                   help="listen during --startup-delay and answer 503 (not what vLLM does)")
     f = p.add_argument_group("fault injection")
     f.add_argument("--fault-rate", type=_number(float, 0, 1), default=0.0,
                    help="fraction of completion requests that get the fault")
@@ -127,7 +131,8 @@ def parse_args(argv: list[str] | None = None) -> SimOptions:
         api_key=a.api_key or os.environ.get("VLLM_API_KEY") or None, seed=a.seed, ttft_ms=a.ttft_ms, itl_ms=a.itl_ms,
         prefill_ms_per_token=a.prefill_ms_per_token, jitter=a.jitter, slowdown_per_seq=a.slowdown_per_seq,
         default_max_tokens=a.default_max_tokens, output_len_range=a.output_len_range,
-        startup_delay=a.startup_delay, fault_rate=a.fault_rate, fault_mode=a.fault_mode,
+        startup_delay=a.startup_delay, listen_while_loading=a.listen_while_loading,
+        fault_rate=a.fault_rate, fault_mode=a.fault_mode,
         fault_scope=a.fault_scope, enable_fault_api=a.enable_fault_api,
         shutdown_timeout=a.shutdown_timeout, keep_alive_timeout=a.keep_alive_timeout,
         access_log=a.access_log, log_level=a.log_level)

@@ -13,8 +13,13 @@ from . import textgen
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
+# vLLM's error ``type`` per status (the name of the exception it maps to that status)
+ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServerError",
+               503: "ServiceUnavailableError"}
+
+
 class RequestError(Exception):
-    """A request the server refuses; becomes an OpenAI error body with ``status``."""
+    """A request the server refuses; becomes vLLM's error body with ``status``."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -24,9 +29,10 @@ class RequestError(Exception):
         self.code = code
 
     def body(self) -> dict:
-        body = error_body(self.status, self.message, param=self.param, code=self.code)
-        body["object"] = "error"  # vLLM's ErrorResponse carries it too
-        return body
+        # as vLLM's ErrorResponse: OpenAI's four fields, the status as ``code`` unless told otherwise
+        return error_body(self.status, self.message, param=self.param,
+                          code=self.code if self.code is not None else self.status,
+                          type_=ERROR_TYPES.get(self.status))
 
 
 @dataclass
@@ -49,56 +55,51 @@ class GenRequest:
 class Limits:
     served_names: tuple[str, ...]
     max_model_len: int
-    default_max_tokens: int
+    # max_tokens when a request gives none; None: vLLM's (16 for text, the rest of the context for chat)
+    default_max_tokens: int | None = None
+
+
+TEXT_DEFAULT_MAX_TOKENS = 16
 
 
 def _bad(message: str, param: str | None = None) -> RequestError:
     return RequestError(400, message, param=param)
 
 
-def _int_field(body: dict, name: str, minimum: int) -> int | None:
+def _int_type(body: dict, name: str) -> int | None:
     value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
         raise _bad(f"{name} must be an integer, got {value!r}", name)
-    if value < minimum:
-        raise _bad(f"{name} must be at least {minimum}, got {value}.", name)
     return value
 
 
-def _number_field(body: dict, name: str, low: float, high: float) -> None:
+def _at_least(value: int | None, name: str, minimum: int) -> None:
+    if value is not None and value < minimum:
+        raise _bad(f"{name} must be at least {minimum}, got {value}.", name)
+
+
+def _number_type(body: dict, name: str) -> float | None:
     value = body.get(name)
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        expected = f"at least {low}" if high == float("inf") else f"from {low} to {high}"
-        raise _bad(f"{name} must be a number {expected}, got {value!r}", name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise _bad(f"{name} must be a number, got {value!r}", name)
+    return value
 
 
 def _common(body: dict, limits: Limits, kind: str, prompt_key: str, prompt_tokens: int,
-            max_tokens: int | None) -> GenRequest:
+            max_tokens: int | None, max_tokens_name: str = "max_tokens") -> GenRequest:
+    """Validate in vLLM's order: the request's shape (types, as its pydantic models do), then
+    the model (404), then the values (sampling parameters, lengths)."""
     model = body.get("model")
-    if model is None:
-        model = limits.served_names[0]
-    elif not isinstance(model, str):
+    if model is not None and not isinstance(model, str):
         raise _bad("model must be a string", "model")
-    elif model not in limits.served_names:
-        raise RequestError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
-
     stream = body.get("stream", False)
     if stream is None:
         stream = False
     if not isinstance(stream, bool):
         raise _bad("stream must be a boolean", "stream")
     stream_options = body.get("stream_options")
-    if stream_options is not None:
-        if not isinstance(stream_options, dict):
-            raise _bad("stream_options must be an object", "stream_options")
-        if not stream:
-            raise _bad("Stream options can only be defined when `stream=True`.", "stream_options")
-    stream_options = stream_options or {}
-
+    if stream_options is not None and not isinstance(stream_options, dict):
+        raise _bad("stream_options must be an object", "stream_options")
     stop = body.get("stop")
     if stop is None:
         stops = []
@@ -108,27 +109,46 @@ def _common(body: dict, limits: Limits, kind: str, prompt_key: str, prompt_token
         stops = list(stop)
     else:
         raise _bad("stop must be a string or a list of strings", "stop")
-
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise _bad("seed must be an integer", "seed")
-    n = _int_field(body, "n", 1)
-    if n is not None and n > 1:
-        raise _bad("n > 1 is not supported by gpufleet-vllm-sim", "n")
-    _number_field(body, "temperature", 0, float("inf"))  # vLLM: non-negative, no upper bound
-    _number_field(body, "top_p", 0, 1)
-    min_tokens = _int_field(body, "min_tokens", 0) or 0
+    seed = _int_type(body, "seed")
+    n = _int_type(body, "n")
+    min_tokens = _int_type(body, "min_tokens")
+    temperature = _number_type(body, "temperature")
+    top_p = _number_type(body, "top_p")
     ignore_eos = body.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
         raise _bad("ignore_eos must be a boolean", "ignore_eos")
 
+    if model is None:
+        model = limits.served_names[0]
+    elif model not in limits.served_names:
+        raise RequestError(404, f"The model `{model}` does not exist. Valid aliases: {', '.join(limits.served_names)}.",
+                           param="model")
+
+    if stream_options is not None and not stream:
+        raise _bad("Stream options can only be defined when `stream=True`.", "stream_options")
+    stream_options = stream_options or {}
+    _at_least(n, "n", 1)
+    if n is not None and n > 1:
+        raise _bad("n > 1 is not supported by gpufleet-vllm-sim", "n")
+    if temperature is not None and temperature < 0:
+        raise _bad(f"temperature must be non-negative, got {temperature}.", "temperature")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise _bad(f"top_p must be in (0, 1], got {top_p}.", "top_p")
+    _at_least(max_tokens, max_tokens_name, 1)
+    _at_least(min_tokens, "min_tokens", 0)
+
+    room = limits.max_model_len - prompt_tokens
+    if max_tokens is not None and max_tokens > limits.max_model_len:
+        raise _bad(f"max_tokens={max_tokens} cannot be greater than max_model_len={limits.max_model_len}. "
+                   "Please request fewer output tokens.", "max_tokens")
+    if room < 1:
+        raise _bad(f"This model's maximum context length is {limits.max_model_len} tokens. However, your prompt "
+                   f"contains at least {prompt_tokens} input tokens, which exceeds this limit even without any "
+                   "output tokens. Please reduce the length of the input prompt.", "input_tokens")
     if max_tokens is None:
-        max_tokens = min(limits.default_max_tokens, max(limits.max_model_len - prompt_tokens, 1))
-    if prompt_tokens + max_tokens > limits.max_model_len:
-        raise _bad(
-            f"This model's maximum context length is {limits.max_model_len} tokens. However, you requested "
-            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the "
-            "completion). Please reduce the length of the messages or completion.", "max_tokens")
+        max_tokens = limits.default_max_tokens or (TEXT_DEFAULT_MAX_TOKENS if kind == "completion" else room)
+    max_tokens = min(max_tokens, room)  # as vLLM: cut to what the context leaves, not refused
+    min_tokens = min_tokens or 0
     if min_tokens > max_tokens:
         raise _bad(f"min_tokens must be less than or equal to max_tokens={max_tokens}, got {min_tokens}.",
                    "min_tokens")
@@ -160,11 +180,10 @@ def parse_chat(body: dict, limits: Limits) -> GenRequest:
         content = message.get("content")
         if content is not None and not isinstance(content, (str, list)):
             raise _bad(f"messages[{index}].content must be a string or a list of parts", "messages")
-    max_tokens = _int_field(body, "max_completion_tokens", 1)
-    if max_tokens is None:
-        max_tokens = _int_field(body, "max_tokens", 1)
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _int_type(body, name)
     prompt_key = "\x1e".join(f"{m['role']}\x1f{textgen.content_text(m.get('content'))}" for m in messages)
-    return _common(body, limits, "chat", prompt_key, textgen.chat_prompt_tokens(messages), max_tokens)
+    return _common(body, limits, "chat", prompt_key, textgen.chat_prompt_tokens(messages), max_tokens, name)
 
 
 def parse_completion(body: dict, limits: Limits) -> GenRequest:
@@ -182,7 +201,7 @@ def parse_completion(body: dict, limits: Limits) -> GenRequest:
     else:
         raise _bad("prompt must be a string or a list of token ids", "prompt")
     prompt_tokens = max(prompt_tokens, 1)
-    return _common(body, limits, "completion", prompt_key, prompt_tokens, _int_field(body, "max_tokens", 1))
+    return _common(body, limits, "completion", prompt_key, prompt_tokens, _int_type(body, "max_tokens"))
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
