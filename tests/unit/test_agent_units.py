@@ -24,6 +24,10 @@ vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25
 # TYPE vllm:request_success_total counter
 vllm:request_success_total{engine="0",finished_reason="stop",model_name="m"} 10.0
 vllm:request_success_total{engine="0",finished_reason="length",model_name="m"} 5.0
+# TYPE vllm:prefix_cache_queries_total counter
+vllm:prefix_cache_queries_total{engine="0",model_name="m"} 672.0
+# TYPE vllm:prefix_cache_hits_total counter
+vllm:prefix_cache_hits_total{engine="0",model_name="m"} 256.0
 # TYPE vllm:time_to_first_token_seconds histogram
 vllm:time_to_first_token_seconds_bucket{engine="0",le="0.1",model_name="m"} 1.0
 vllm:time_to_first_token_seconds_bucket{engine="0",le="0.25",model_name="m"} 14.0
@@ -39,6 +43,7 @@ def test_parse_vllm_metrics_sums_series_and_reads_histograms():
     sample = parse_vllm_metrics(VLLM_TEXT)
     assert (sample.running, sample.waiting, sample.kv_cache_usage) == (2, 4, 0.25)
     assert sample.request_success_total == 15
+    assert (sample.prefix_cache_queries, sample.prefix_cache_hits) == (672, 256)
     assert sample.process_start_time == 1.7e9
     assert sample.ttft.count == 15 and sample.ttft.total == pytest.approx(3.1)
     assert sample.ttft.buckets == ((0.1, 1.0), (0.25, 14.0), (float("inf"), 15.0))
@@ -49,6 +54,21 @@ def test_parse_falls_back_to_the_legacy_kv_cache_gauge():
     text = "# TYPE vllm:gpu_cache_usage_perc gauge\nvllm:gpu_cache_usage_perc{model_name=\"m\"} 0.5\n"
     sample = parse_vllm_metrics(text)
     assert sample.kv_cache_usage == 0.5 and sample.running == 0 and sample.ttft is None
+
+
+def test_prefix_cache_hit_ratio_over_the_window():
+    from gpufleet.agent.config import load_config
+    from gpufleet.agent.vllm import VllmMonitor
+    from gpufleet.agent.vllm_metrics import VllmSample
+
+    now = [100.0]
+    monitor = VllmMonitor(load_config({"INSTANCE_ID": "i", "CONTROL_PLANE_URL": "http://127.0.0.1:9", "MODEL_ID": "m"}))
+    monitor._clock = lambda: now[0]
+    assert monitor.prefix_cache_hit_ratio() == 0.0
+    monitor.observe_sample(VllmSample(prefix_cache_queries=1000, prefix_cache_hits=900))  # before the window
+    now[0] += 1
+    monitor.observe_sample(VllmSample(prefix_cache_queries=1400, prefix_cache_hits=1000))
+    assert monitor.prefix_cache_hit_ratio() == 0.25  # 100 of the 400 tokens queried meanwhile
 
 
 def _inputs(**overrides):

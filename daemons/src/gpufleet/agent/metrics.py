@@ -32,6 +32,10 @@ class AgentCollector:
                      sample.running if sample else 0)
         yield _gauge("gpufleet_agent_vllm_kv_cache_usage_ratio", "KV-cache usage of vLLM, 0..1",
                      sample.kv_cache_usage if sample else 0)
+        yield _gauge("gpufleet_agent_vllm_prefix_cache_hit_ratio",
+                     f"Share of prompt tokens found in vLLM's prefix cache over the last {config.metrics_window_s:g}s "
+                     "(vllm:prefix_cache_hits_total / vllm:prefix_cache_queries_total; 0 without queries)",
+                     agent.vllm.prefix_cache_hit_ratio())
         yield _gauge("gpufleet_agent_vllm_requests_per_second",
                      f"Finished requests per second over the last {config.metrics_window_s:g}s",
                      agent.vllm.requests.rate())

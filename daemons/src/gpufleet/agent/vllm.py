@@ -59,6 +59,8 @@ class VllmMonitor:
         self.ttft_scaling = HistogramWindow(config.scaling_ttft_window_s)
         self.e2e = HistogramWindow(config.metrics_window_s)
         self.requests = CounterWindow(config.metrics_window_s)
+        self.prefix_queries = CounterWindow(config.metrics_window_s)
+        self.prefix_hits = CounterWindow(config.metrics_window_s)
         self.on_change = None  # called (no args) when the local readiness may have changed
         self._stop = threading.Event()
 
@@ -158,7 +160,15 @@ class VllmMonitor:
             self.requests.observe(now, sample.request_success_total)
         elif sample.e2e is not None:
             self.requests.observe(now, sample.e2e.count)
+        if sample.prefix_cache_queries is not None and sample.prefix_cache_hits is not None:
+            self.prefix_queries.observe(now, sample.prefix_cache_queries)
+            self.prefix_hits.observe(now, sample.prefix_cache_hits)
         snap.sample = sample
+
+    def prefix_cache_hit_ratio(self) -> float:
+        """Prompt tokens found in vLLM's prefix cache over those looked up, in the window (0 without any)."""
+        queried = self.prefix_queries.rate()
+        return min(self.prefix_hits.rate() / queried, 1.0) if queried > 0 else 0.0
 
     def _read_version(self) -> str | None:
         try:

@@ -20,6 +20,8 @@ KV_CACHE_LEGACY = "vllm:gpu_cache_usage_perc"  # vLLM < 0.10
 TTFT = "vllm:time_to_first_token_seconds"
 E2E = "vllm:e2e_request_latency_seconds"
 SUCCESS = "vllm:request_success_total"
+PREFIX_QUERIES = "vllm:prefix_cache_queries_total"  # prompt tokens looked up in the prefix cache
+PREFIX_HITS = "vllm:prefix_cache_hits_total"        # of which found there
 PROCESS_START = "process_start_time_seconds"
 
 
@@ -29,6 +31,8 @@ class VllmSample:
     running: float = 0.0
     kv_cache_usage: float = 0.0  # 0..1
     request_success_total: float | None = None
+    prefix_cache_queries: float | None = None
+    prefix_cache_hits: float | None = None
     process_start_time: float | None = None
     ttft: HistogramSnapshot | None = None
     e2e: HistogramSnapshot | None = None
@@ -56,6 +60,8 @@ def parse_vllm_metrics(text: str) -> VllmSample:
         running=sums.get(RUNNING, 0.0),
         kv_cache_usage=kv,
         request_success_total=sums.get(SUCCESS, sums.get(SUCCESS.removesuffix("_total"))),
+        prefix_cache_queries=sums.get(PREFIX_QUERIES),
+        prefix_cache_hits=sums.get(PREFIX_HITS),
         process_start_time=sums.get(PROCESS_START),
         ttft=_snapshot(histograms.get(TTFT)),
         e2e=_snapshot(histograms.get(E2E)),
