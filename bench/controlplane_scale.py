@@ -5,7 +5,9 @@ Starts, as real processes in a temp dir: PostgreSQL, Redis, ``gpufleet-controlpl
 (production intervals: heartbeat 10 s, cycle 5 s, probe deadline 2 s). This process plays
 the 1,000 workers on one asyncio loop: their agents' ``/readyz`` on one port
 (``gpufleet.controlplane.fakeagents``) and their heartbeats, each every 10 s, phases
-spread evenly. Every worker enrols through the real join-secret flow.
+spread evenly. Every worker enrols through the real join-secret flow. (``--agents-apart``
+serves the ``/readyz`` from a second process instead, so the burst of 1,000 probes per
+cycle does not delay this loop's heartbeat timings: a measurement choice, not a need.)
 
 Then, for each hostile count (default 0, 10, 50), that many workers re-register with a
 hostile ``/readyz`` (trickling a byte every 1.5 s, thousands of nested ``[``, garbage,
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import ast
 import asyncio
+import contextlib
 import os
 import re
 import statistics
@@ -168,6 +171,8 @@ async def scenario(fleet: Fleet, session, hostile: int, duration: float, cp_pids
     cpu_cp, cpu_rc = cpu_seconds(cp_pids) - cpu_cp, cpu_seconds(rc_pids) - cpu_rc
     seen = cycles(rc_log, wall_start, wall_end + 1)
     honest = [s for _, w, s in fleet.latencies if w not in fleet.hostile]
+    first = min(t for t, _, _ in fleet.latencies)
+    slow = sorted({round(t - first) for t, w, s in fleet.latencies if s > 0.1 and w not in fleet.hostile})
     every = [s for _, _, s in fleet.latencies]
     cycle_ms = [c["ms"] for _, c in seen]
     coverage = [c["probed"] / c["targets"] for _, c in seen if c.get("targets")]
@@ -183,13 +188,18 @@ async def scenario(fleet: Fleet, session, hostile: int, duration: float, cp_pids
         "coverage_mean": statistics.mean(coverage) if coverage else float("nan"),
         "cpu_ms_per_hb": cpu_cp / max(1, len(every)) * 1000,
         "rc_cpu_ms_per_cycle": cpu_rc / max(1, len(seen)) * 1000,
+        "slow_seconds": slow, "slow_count": sum(1 for s in honest if s > 0.1),
+        "cycle_times": [round(t - wall_start, 1) for t, _ in seen],
+        "load": os.getloadavg()[0],
     }
 
 
-async def run(args, cp_url: str, cp_pids, rc_pids, rc_log: Path) -> list[dict]:
+async def run(args, cp_url: str, cp_pids, rc_pids, rc_log: Path, agents_port: int) -> list[dict]:
     counts: dict = {}
-    agents_port = free_port()
-    server = await fakeagents.serve(agents_port, counts)
+    if args.agents_apart:
+        server = contextlib.nullcontext()
+    else:
+        server = await fakeagents.serve(agents_port, counts)
     fleet = Fleet(cp_url, agents_port, args.agents, args.heartbeat_interval)
     timeout = aiohttp.ClientTimeout(total=30)
     connector = aiohttp.TCPConnector(limit=256)
@@ -214,6 +224,8 @@ def main() -> None:
     parser.add_argument("--heartbeat-interval", type=float, default=10.0)
     parser.add_argument("--reconcile-interval", type=float, default=5.0)
     parser.add_argument("--probe-timeout", type=float, default=2.0)
+    parser.add_argument("--agents-apart", action="store_true",
+                        help="serve the 1,000 /readyz from a second process (see the docstring)")
     args = parser.parse_args()
     args.hostile = [int(x) for x in args.hostile.split(",") if x.strip()]
 
@@ -238,7 +250,13 @@ def main() -> None:
         rc = Daemon("reconciler", [console_script("gpufleet-reconciler")], {**env, "GPUFLEET_LOG_LEVEL": "DEBUG"},
                     log_dir=str(tmp))
         daemons.append(rc)
-        results = asyncio.run(run(args, cp_url, process_tree(cp.pid), [rc.pid], rc.log_path))
+        agents_port = free_port()
+        if args.agents_apart:
+            agents = Daemon("fake-agents", [sys.executable, "-m", "gpufleet.controlplane.fakeagents",
+                                            str(agents_port)], log_dir=str(tmp))
+            daemons.append(agents)
+            wait_http(fakeagents.agent_url(agents_port, "ok", "x") + "/readyz", timeout=30, proc=agents)
+        results = asyncio.run(run(args, cp_url, process_tree(cp.pid), [rc.pid], rc.log_path, agents_port))
     finally:
         for daemon in reversed(daemons):
             daemon.stop()
@@ -258,6 +276,10 @@ def main() -> None:
               f"  {r['hb_max_ms']:9.1f}  {r['cycles']:6d}  {r['cycle_mean_ms']:13.0f}  {r['cycle_max_ms']:12.0f}"
               f"  {r['max_gap_s']:9.2f}  {r['coverage_min']:12.0%}  {r['cpu_ms_per_hb']:9.2f}"
               f"  {r['rc_cpu_ms_per_cycle']:23.0f}")
+    for r in results:
+        print(f"  {r['hostile']} hostile: {r['slow_count']} honest heartbeats over 100 ms, sent in seconds "
+              f"{r['slow_seconds'][:20]} of the run; cycles ended at {r['cycle_times']} s; load average at the "
+              f"end {r['load']:.2f}")
     ok = all(r["cycle_max_ms"] < 10_000 and r["hb_p99_ms"] < 100 for r in results)
     print("targets (every cycle < 10 s, heartbeat p99 < 100 ms):", "met" if ok else "NOT met")
 
