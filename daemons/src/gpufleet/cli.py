@@ -182,7 +182,8 @@ def cmd_instances_list(args, client: Client):
     _, data = client.call("GET", "/v1/admin/instances")
     emit(args, data, table(data["instances"], [
         ("instance_id", "INSTANCE"), ("hostname", "HOSTNAME"), ("provider_instance_id", "PROVIDER ID"),
-        ("model_id", "MODEL"), ("has_token", "TOKEN"), ("token_prefix", "PREFIX"), ("workers", "WORKERS"),
+        ("model_id", "MODEL"), ("worker_ids", "WORKER IDS"), ("has_token", "TOKEN"), ("token_prefix", "PREFIX"),
+        ("workers", "WORKERS"), ("join_secret_expires_at", "JOIN SECRET UNTIL"),
         ("retired_at", "RETIRED")]))
 
 
