@@ -50,6 +50,7 @@ from gpufleet.controlplane.publisher import Publisher
 BIN = Path(sys.executable).parent
 MODEL = "bench-model"
 BASELINE = "router (baseline)"
+ERRORS: dict[str, int] = {}  # url → non-2xx answers seen by wrk (reported, with the router's log)
 API_KEY = "gfk_bench_" + "x" * 32
 BODY = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 8})
 ANSWER = json.dumps({"id": "chatcmpl-bench", "object": "chat.completion", "created": 0, "model": MODEL,
@@ -164,8 +165,10 @@ def wrk(url: str, duration: int, connections: int, tmp: Path, cpu_of: int | None
     match = re.search(r"Requests/sec:\s+([\d.]+)", out)
     total = re.search(r"(\d+) requests in", out)
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
-    if not match or not total or non2xx:
+    if not match or not total:
         raise RuntimeError(f"wrk against {url} failed:\n{out}")
+    if non2xx:
+        ERRORS[url] = ERRORS.get(url, 0) + int(non2xx.group(1))
     return float(match.group(1)), cpu / int(total.group(1)) * 1e6
 
 
@@ -288,6 +291,12 @@ def main() -> int:
                for name, port in paths}
     finally:
         procs.stop()
+        for url, count in ERRORS.items():
+            print(f"{count} non-2xx answers from {url}", file=sys.stderr)
+        if ERRORS:
+            for log in sorted(tmp.glob("router*.log")):
+                lines = [x for x in log.read_text(errors="replace").splitlines() if " WARNING " in x or " ERROR " in x]
+                print(f"{log.name}: {len(lines)} warnings/errors, the first:", *lines[:8], sep="\n  ", file=sys.stderr)
         shutil.rmtree(tmp, ignore_errors=True)
 
     d50, d99 = lat["direct"]

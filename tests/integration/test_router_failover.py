@@ -182,3 +182,47 @@ def test_a_worker_restart_between_requests_costs_no_retry(fleet):
     assert metric_sum(m, "gpufleet_router_upstream_attempts_total", worker="w1", outcome="ok") == 6
     assert metric_sum(m, "gpufleet_router_upstream_attempts_total", worker="w1") == 6
     assert metric_sum(m, "gpufleet_router_retries_total") == 0
+
+
+def router_sockets_to(router, port: int) -> list[str]:
+    """TCP states (``/proc/net/tcp``) of the router processes' sockets connected to ``port``."""
+    import os
+    pids = [router.daemon.pid] + [int(p) for p in os.listdir("/proc") if p.isdigit()
+                                  and _parent(int(p)) == router.daemon.pid]
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+        except OSError:
+            continue
+    states = []
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if int(fields[2].split(":")[1], 16) == port and fields[9] in inodes:
+                states.append({"01": "ESTABLISHED", "08": "CLOSE_WAIT"}.get(fields[3], fields[3]))
+    return states
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+def test_the_connection_pool_of_a_worker_that_left_is_closed(fleet):
+    leaving, staying = fleet.sim("leaving", "--keep-alive-timeout", "60"), fleet.sim("staying")
+    router = fleet.router(processes=2)
+    assert run_load(lambda i: router.chat(max_tokens=2).status_code, 40, 8).count(200) == 40
+    assert "ESTABLISHED" in router_sockets_to(router, leaving.port)  # kept alive in the pools
+    leaving.unpublish("removed")
+    # its pooled sockets are closed at once (not left to idle, then to CLOSE_WAIT when the worker goes)
+    wait_until(lambda: not {"ESTABLISHED", "CLOSE_WAIT"} & set(router_sockets_to(router, leaving.port)),
+               timeout=5, what="the router to close its connections to the worker that left")
+    assert run_load(lambda i: router.chat(max_tokens=2).status_code, 10, 2).count(200) == 10
+    assert staying.finished() >= 10

@@ -4,7 +4,9 @@ Every refusal is a :class:`~gpufleet.router.respond.RequestError`."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import re
 import secrets
 import time
@@ -21,11 +23,28 @@ _DRAIN_CHUNK = 65536
 
 def request_id(environ) -> str:
     """The client's ``X-Request-Id`` when it is a sane token (it goes into logs and to the
-    workers), else a new one."""
+    workers), else a new one: 32 hex digits, a random per-process prefix and a counter
+    (unique without a system call per request)."""
     presented = environ.get("HTTP_X_REQUEST_ID")
     if presented and _SANE_REQUEST_ID.fullmatch(presented):
         return presented
-    return secrets.token_hex(16)
+    return _ids.next()
+
+
+class _RequestIds:
+    def __init__(self):
+        self.reset()
+        os.register_at_fork(after_in_child=self.reset)  # gunicorn's workers: a prefix each
+
+    def reset(self) -> None:
+        self._prefix = secrets.token_hex(10)
+        self._count = itertools.count()
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._count):012x}"
+
+
+_ids = _RequestIds()
 
 
 @dataclass(frozen=True)

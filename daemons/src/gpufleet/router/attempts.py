@@ -125,15 +125,15 @@ class Attempts:
             attempt.error = f"HTTP {resp.status}"
             return attempt, None
         try:
+            if self.upstreams.read_timeout_s != self.upstreams.first_byte_timeout_s:
+                resp.set_timeout(self.upstreams.read_timeout_s)  # from now on: between two reads
             if req.stream and attempt.outcome is Outcome.OK:
-                resp.set_timeout(self.upstreams.read_timeout_s)
                 chunks = resp.iter_body()
                 first = next(chunks, None)
                 if first is None:
                     return Attempt(Outcome.RESET, None, "the stream ended before its first byte"), None
                 self.metrics.observe_ttft(req.model, time.perf_counter() - exchange.started)
                 return attempt, Answer(resp.status, resp.headers, first=first, chunks=chunks)
-            resp.set_timeout(self.upstreams.read_timeout_s)
             data = resp.read(self.max_response_bytes)
         except TimeoutError as exc:
             return self._cancelled_or(Attempt(Outcome.TIMEOUT, None, f"read timed out: {exc}"), exchange), None

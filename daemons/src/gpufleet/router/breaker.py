@@ -83,9 +83,15 @@ class BreakerTable:
     def __init__(self, slots: int = 2048, shared: bool = True):
         self.slots = slots
         self._mem = mmap.mmap(-1, slots * _SLOT.size) if shared else bytearray(slots * _SLOT.size)
+        # bumped by every insert and free: a worker found absent stays absent while it is unchanged
+        self._version = mmap.mmap(-1, 8) if shared else bytearray(8)
         self._lock = multiprocessing.Lock() if shared else _NoLock()
         self._index: dict[str, tuple[int, bytes]] = {}  # per-process cache: id → (slot, digest)
+        self._absent: dict[str, bytes] = {}  # per-process cache: id → the version it was absent at
         self._warned = False
+
+    def _bump(self) -> None:  # under the lock
+        self._version[:8] = (int.from_bytes(self._version[:8], "little") + 1).to_bytes(8, "little")
 
     def _holds(self, slot: int, digest: bytes) -> bool:
         off = slot * _SLOT.size
@@ -111,6 +117,9 @@ class BreakerTable:
         cached = self._index.get(worker_id)
         if cached is not None and self._holds(*cached):
             return cached[0]
+        if not create and self._absent.get(worker_id) == self._version[:8]:
+            return None  # the healthy fleet's common case: no record, none made since
+        version = bytes(self._version[:8])
         digest = _digest(worker_id)
         slot, free = self._find(digest)
         if slot is None and create:
@@ -119,6 +128,7 @@ class BreakerTable:
                 if slot is None and free is not None:
                     name = worker_id.encode()[:_NAME_BYTES]
                     _SLOT.pack_into(self._mem, free * _SLOT.size, digest, _USED, name, CLOSED, 0, 0.0, 0.0)
+                    self._bump()
                     slot = free
             if slot is None and not self._warned:
                 self._warned = True
@@ -126,7 +136,11 @@ class BreakerTable:
                             "raise the table size", worker_id, self.slots)
         if slot is None:
             self._index.pop(worker_id, None)
+            if len(self._absent) > 4 * self.slots:
+                self._absent.clear()
+            self._absent[worker_id] = version
             return None
+        self._absent.pop(worker_id, None)
         self._index[worker_id] = (slot, digest)
         return slot
 
@@ -166,6 +180,7 @@ class BreakerTable:
             slot, _ = self._find(digest)
             if slot is not None:
                 _SLOT.pack_into(self._mem, slot * _SLOT.size, b"", _FREED, b"", CLOSED, 0, 0.0, 0.0)
+                self._bump()
         self._index.pop(worker_id, None)
 
     def items(self):

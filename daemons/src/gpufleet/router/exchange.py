@@ -65,10 +65,10 @@ class Exchange:
         self.worker_id = lease.worker_id
         self.attempts += 1
 
-    def attach(self, sock) -> None:
+    def attach(self, sock) -> bool:
+        """The upstream socket now in use; False when the request was cancelled already."""
         self._sock = sock
-        if self.cancelled:
-            _shut(sock)
+        return not self.cancelled
 
     def end_attempt(self) -> None:
         """Release the current attempt's lease and connection (a failed attempt, or the end)."""
@@ -124,12 +124,15 @@ class Exchange:
             self.unwatch_client()
             self.end_attempt()
         finally:
+            duration = time.perf_counter() - self.started
             metrics.inflight.dec()
             metrics.count_request(self.model, self.status or 500, self.worker_id if self.status else "")
-            duration = time.perf_counter() - self.started
             if self.model:
                 metrics.observe_latency(self.model, duration)
             metrics.account(self, duration)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("request %s: %s %d from %s in %.3f s", self.request_id, self.model or "-",
+                          self.status or 500, self.worker_id or "-", duration)
 
 
 def _shut(sock) -> None:

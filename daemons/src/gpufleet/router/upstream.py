@@ -37,6 +37,7 @@ from .retry import Outcome, classify_status
 
 _poll = monkey.get_original("select", "poll")
 _DEAD_IF = 0x001 | 0x008 | 0x010 | 0x2000  # readable (an idle connection has nothing to say), ERR, HUP, RDHUP
+_TRUST_IDLE_S = 0.05  # idle for less, a connection is reused without the poll (no server closes that soon)
 
 _HOP_BY_HOP = frozenset(("connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
                          "trailer", "trailers", "transfer-encoding", "upgrade", "content-length", "server", "date",
@@ -47,6 +48,7 @@ _MAX_LINE = 8192
 _READ = 65536
 _STATUS = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: [\t\x20-\x7e\x80-\xff]*)?\r\n")
 _FIELD = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):([\t\x20-\x7e\x80-\xff]*)\r\n")
+_FIELDS = re.compile(rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*\r\n)+")
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})(?:;[\t\x20-\x7e\x80-\xff]*)?\r\n")
 _LENGTH = re.compile(rb"[0-9]{1,15}")
 
@@ -99,7 +101,8 @@ class _Pool:
         if self.idle:
             now = time.monotonic()
             conn = self.idle.pop()  # the most recently used: the others are older still
-            if now - conn.idle_since <= self.max_idle_s and conn.looks_alive():
+            idle = now - conn.idle_since
+            if idle <= self.max_idle_s and (idle < _TRUST_IDLE_S or conn.looks_alive()):
                 return conn, True
             conn.close()
             self.clear()  # older than a dead or too old one: not worth a try
@@ -134,10 +137,6 @@ class UpstreamResponse:
         self.chunked = chunked
         self._keep_alive = keep_alive
         self.complete = length == 0 and not chunked
-
-    @property
-    def sock(self):
-        return self._conn.sock if self._conn is not None else None
 
     def set_timeout(self, seconds: float) -> None:
         with contextlib.suppress(OSError, AttributeError):
@@ -214,22 +213,27 @@ class UpstreamResponse:
 
 
 def _read_fields(rfile, what: str) -> list[tuple[bytes, bytes]]:
-    """Header (or trailer) lines up to the blank line, strictly."""
-    fields = []
+    """Header (or trailer) lines up to the blank line, strictly: checked in one regex
+    match of the whole block, then split in one ``findall``."""
+    lines = []
     total = 0
     while True:
         line = rfile.readline(_MAX_LINE)
         if line == b"\r\n":
-            return fields
+            break
         if not line:
             raise UpstreamBroken(f"{what} cut short")
         total += len(line)
-        if len(fields) >= MAX_HEADERS or total > MAX_HEAD_BYTES:
+        if len(lines) >= MAX_HEADERS or total > MAX_HEAD_BYTES:
             raise Malformed(f"more than {MAX_HEADERS} {what} lines or {MAX_HEAD_BYTES} bytes")
-        match = _FIELD.fullmatch(line)
-        if match is None:
-            raise Malformed(f"invalid {what} line {line[:60]!r}")
-        fields.append((match.group(1), match.group(2).strip(b" \t")))
+        lines.append(line)
+    if not lines:
+        return []
+    block = b"".join(lines)
+    if _FIELDS.fullmatch(block) is None:
+        bad = next((x for x in lines if _FIELD.fullmatch(x) is None), b"")
+        raise Malformed(f"invalid {what} line {bad[:60]!r}")
+    return _FIELD.findall(block)
 
 
 @dataclass
@@ -266,7 +270,8 @@ class Upstreams:
 
     def send(self, base_url: str, path: str, body: bytes, request_id: str, on_socket=None) -> Attempt:
         """POST and read the response head (connect and first-byte timeouts apply).
-        ``on_socket(sock)`` is told the socket in use (so that a cancel can shut it)."""
+        ``on_socket(sock)`` is told the socket in use (so that a cancel can shut it); when
+        it returns False the request was cancelled: nothing is sent."""
         try:
             pool = self._pool(base_url)
             request = b"".join((b"POST ", (pool.prefix + path).encode(), b" HTTP/1.1\r\nHost: ", pool.host_header,
@@ -285,8 +290,9 @@ class Upstreams:
                 return Attempt(Outcome.TIMEOUT, None, f"connect timed out: {exc}")
             except (OSError, UnicodeError, ValueError) as exc:  # refused, unreachable, a host name idna rejects
                 return Attempt(Outcome.CONNECT_ERROR, None, f"connect failed: {exc}")
-            if on_socket is not None:
-                on_socket(conn.sock)
+            if on_socket is not None and not on_socket(conn.sock):
+                conn.close()
+                return Attempt(Outcome.CANCELLED, None, "client gone")
             try:
                 conn.sock.settimeout(self.first_byte_timeout_s)
                 conn.sock.sendall(request)
@@ -331,6 +337,7 @@ class Upstreams:
         hidden = set()
         headers = []
         for raw_name, raw_value in fields:
+            raw_value = raw_value.strip(b" \t")
             name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
             lower = name.lower()
             if lower == "content-length":
@@ -362,9 +369,6 @@ class Upstreams:
             pool = self._pools.pop(url)
             pool.closed = True  # connections in use are closed when their answer ends
             pool.clear()
-
-    def close(self) -> None:
-        self.retire(())
 
 
 class _NothingYet(UpstreamBroken):
