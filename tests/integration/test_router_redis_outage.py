@@ -158,6 +158,8 @@ def test_slow_redis_costs_requests_at_most_the_budget_and_says_degraded(daemons,
         took.append(time.monotonic() - started)
     # served from the local fallback: no request waits for a 0.3 s Redis round-trip
     assert sorted(took)[5] < 0.3, took
+    # a key this router never saw has no fallback: it is looked up, patiently, not refused
+    assert router.chat(max_tokens=2, key=fleet.api_key()).status_code == 200
 
     proxy.delay = 0.0
     wait_until(lambda: router.readyz()["status"] == "ok", timeout=15, what="/readyz to say ok again")

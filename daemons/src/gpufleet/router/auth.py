@@ -60,15 +60,15 @@ class KeyCache:
         miss = self._negative.get(digest)
         if miss is not None and (miss > now or not self.link.up):
             return None
-        if not self.link.up:
-            if hit is not None:
-                return hit[1]
+        if not self.link.up and not self.link.slow:
             raise KeyUnavailable("redis is unreachable and this key is not cached")
         try:
             if self.on_lookup:
                 self.on_lookup()
             if self.batcher is not None:
-                fields = self.batcher.call("HGETALL", self.keys.apikey(digest), timeout=self.link.budget_s)
+                # a key never seen has no fallback: worth waiting past the budget for a slow Redis
+                fields = self.batcher.call("HGETALL", self.keys.apikey(digest),
+                                           timeout=self.link.budget_s if hit is not None else None)
             else:
                 fields = self.link.client.hgetall(self.keys.apikey(digest))
         except (*REDIS_ERRORS, TimeoutError) as exc:

@@ -36,6 +36,11 @@ class RedisLink:
         self._lock = threading.Lock()
         self.on_change = None  # called with the new value of ``up``
 
+    @property
+    def slow(self) -> bool:
+        """Down only because it answered slower than the budget (it may still be asked, with patience)."""
+        return not self.up and self.reason == "redis slow"
+
     def mark_down(self, exc: BaseException) -> None:
         with self._lock:
             was, self.up = self.up, False
