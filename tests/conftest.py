@@ -1,7 +1,8 @@
 """Shared fixtures: real throw-away Redis and PostgreSQL servers, and daemon processes.
 
 Tests under tests/unit get the ``unit`` marker, tests under tests/integration the
-``integration`` marker, so ``pytest -m unit`` runs the fast suite alone.
+``integration`` marker (and so on for tests/conformance and tests/vllm), so
+``pytest -m unit`` runs the fast suite alone. Tests that start real vLLM carry ``vllm``.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from support.services import PostgresServer, RedisServer  # noqa: E402
 
 _db_counter = itertools.count()
 
+pytest_plugins = ["support.vllm_fixtures"]  # real vLLM servers: vllm_servers, vllm_figures
+
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         parts = Path(str(item.fspath)).parts
-        for marker in ("unit", "integration", "fleet"):
+        for marker in ("unit", "integration", "fleet", "conformance", "vllm"):
             if marker in parts:
                 item.add_marker(getattr(pytest.mark, marker))
 
