@@ -56,6 +56,8 @@ def test_trickling_and_deep_json_agents_stall_neither_heartbeats_nor_cycles(daem
         assert resp.status_code == 200, resp.text
         tokens[worker_id] = resp.json()["bootstrap_token"]
     start_reconciler(daemons, env)
+    wait_until(lambda: cp.query("SELECT count(*) FROM reconciler_state")[0][0] == 1, timeout=60,
+               what="the reconciler's first cycle")
 
     stop = threading.Event()
     latencies: list[float] = []
@@ -106,8 +108,8 @@ def test_trickling_and_deep_json_agents_stall_neither_heartbeats_nor_cycles(daem
     assert not failures, failures[:5]
     assert p99 < 1.0, f"honest heartbeats p99 {p99:.3f}s"  # loose here: a busy 2-core machine; the bench is strict
     # every cycle completes: the last one is never older than a few intervals (0.5 s here)
-    assert cycle_ages[4:] and None not in cycle_ages[4:], cycle_ages
-    assert max(cycle_ages[4:]) < 3.0, cycle_ages
+    assert cycle_ages and None not in cycle_ages, cycle_ages
+    assert max(cycle_ages) < 5.0, cycle_ages  # interval 0.5 s; generous for a loaded machine
 
     ready = redis_server.client().smembers(RedisKeys().ready_set("m1"))
     assert ready == set(HONEST)
