@@ -17,7 +17,8 @@ from test_router_helpers import VLLM_KEY, metric_sum, parse_metrics, run_load
 from gpufleet.agent.testing import agent_env, start_agent, start_sim
 from gpufleet.common.rediskeys import RedisKeys
 from gpufleet.controlplane.testing import cp_env, run_cli, start_control_plane, start_reconciler
-from support.procs import console_script, wait_until
+from support.procs import wait_until
+from support.router import start_router
 
 MODEL = "stack-model"
 
@@ -50,15 +51,7 @@ class Stack:
         return self.redis.smembers(RedisKeys().ready_set(MODEL))
 
     def router(self) -> str:
-        port = self.daemons.port()
-        daemon = self.daemons.start("router", [console_script("gpufleet-router")], {
-            "GPUFLEET_REDIS_URL": self.redis_url, "GPUFLEET_BIND": f"127.0.0.1:{port}",
-            "GPUFLEET_VLLM_API_KEY": VLLM_KEY, "GPUFLEET_ROUTER_PROCESSES": "2"})
-        url = f"http://127.0.0.1:{port}"
-        self.daemons.wait_http(url + "/healthz", timeout=30, proc=daemon)
-        wait_until(lambda: all(requests.get(url + "/readyz", timeout=5).json()["workers"] == len(self.sims)
-                               for _ in range(6)), timeout=20, what="the router to see the workers")
-        return url
+        return start_router(self.daemons, self.redis_url, VLLM_KEY, workers=len(self.sims))
 
 
 def sim_metrics(url: str) -> dict:
