@@ -13,9 +13,10 @@ Then measures each path (direct, nginx, router) with the same tools:
     keep-alive connections and timing each request from its *scheduled* send time (so a stall
     is not hidden by coordinated omission); p50/p99, and what each path adds to direct.
 
-With ``--baseline DIR`` (a checkout of other code, e.g. ``git worktree add /tmp/base main``),
-a second router runs that checkout's ``daemons/src`` beside this one, measured the same way
-in the same run: the table gains a ``router (baseline)`` row and the CPU ratio new/baseline.
+With ``--baseline DIR`` (a checkout of other code, e.g. ``git worktree add /tmp/base main``;
+repeatable), another router runs that checkout's ``daemons/src`` beside this one, measured
+the same way in the same run: the table gains a ``router (DIR's name)`` row and the ratios
+of this router to it.
 ``--rounds N`` alternates the saturation runs N times and reports medians (less noise on a
 shared machine).
 
@@ -49,7 +50,6 @@ from gpufleet.controlplane.publisher import Publisher
 
 BIN = Path(sys.executable).parent
 MODEL = "bench-model"
-BASELINE = "router (baseline)"
 ERRORS: dict[str, int] = {}  # url → non-2xx answers seen by wrk (reported, with the router's log)
 API_KEY = "gfk_bench_" + "x" * 32
 BODY = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 8})
@@ -236,7 +236,8 @@ def main() -> int:
     parser.add_argument("--latency-seconds", type=float, default=10.0)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="router processes")
-    parser.add_argument("--baseline", type=Path, help="a checkout whose router is measured beside this one")
+    parser.add_argument("--baseline", type=Path, action="append", default=[],
+                        help="a checkout whose router is measured beside this one (repeatable)")
     parser.add_argument("--rounds", type=int, default=1, help="alternating saturation runs; medians reported")
     args = parser.parse_args()
     for tool in ("nginx", "wrk", "redis-server"):
@@ -264,13 +265,15 @@ def main() -> int:
                                   {**router_env, "GPUFLEET_BIND": f"127.0.0.1:{router}"})
         cpu_of = {"direct": nginx_proc.pid, "nginx": nginx_proc.pid, "gpufleet-router": router_proc.pid}
         paths = [("direct", backend), ("nginx", proxy), ("gpufleet-router", router)]
-        if args.baseline:
-            base = free_port()
-            base_proc = procs.start("router-baseline", [sys.executable, "-m", "gpufleet.router"], {
-                **router_env, "GPUFLEET_BIND": f"127.0.0.1:{base}", "GPUFLEET_ROUTER_ID": "baseline",
-                "PYTHONPATH": str(args.baseline.resolve() / "daemons" / "src")})
-            cpu_of[BASELINE] = base_proc.pid
-            paths.insert(2, (BASELINE, base))
+        baselines = []
+        for i, checkout in enumerate(args.baseline):
+            name, port = f"router ({checkout.resolve().name})", free_port()
+            proc = procs.start(f"router-baseline{i}", [sys.executable, "-m", "gpufleet.router"], {
+                **router_env, "GPUFLEET_BIND": f"127.0.0.1:{port}", "GPUFLEET_ROUTER_ID": f"baseline{i}",
+                "PYTHONPATH": str(checkout.resolve() / "daemons" / "src")})
+            cpu_of[name] = proc.pid
+            paths.insert(2 + i, (name, port))
+            baselines.append(name)
         for _, port in paths:
             wait_port(port)
         time.sleep(1.0)
@@ -304,20 +307,20 @@ def main() -> int:
     print(f"\nrouter overhead on {os.cpu_count()} cores; router processes: {args.processes}; "
           f"wrk -t2 -c{args.connections} -d{args.duration}s; latency: open loop at {args.rate:.0f} req/s "
           f"for {args.latency_seconds:.0f} s")
-    print(f"{'path':<18} {'req/s':>9} {'vs nginx':>9} {'CPU us/req':>11} {'p50 ms':>8} {'p99 ms':>8} "
+    print(f"{'path':<26} {'req/s':>9} {'vs nginx':>9} {'CPU us/req':>11} {'p50 ms':>8} {'p99 ms':>8} "
           f"{'+p50 ms':>8} {'+p99 ms':>8} {'+p50 vs nginx':>14}")
     for name, _ in paths:
         p50, p99 = lat[name]
         added50, added99 = p50 - d50, p99 - d99
         ref = (n50 - d50) or 1e-9
-        print(f"{name:<18} {rps[name]:>9.0f} {rps[name] / rps['nginx']:>8.2f}x {cpu[name]:>11.0f} {p50:>8.2f} "
+        print(f"{name:<26} {rps[name]:>9.0f} {rps[name] / rps['nginx']:>8.2f}x {cpu[name]:>11.0f} {p50:>8.2f} "
               f"{p99:>8.2f} {added50:>8.2f} {added99:>8.2f} {(added50 / ref if name != 'direct' else 0):>13.1f}x")
     print("CPU us/req: direct and nginx = the nginx process (backend, plus proxy for 'nginx'); "
           "gpufleet-router = its own processes (not Redis, not the backend)")
-    if args.baseline:
-        print(f"router vs baseline: CPU per request {cpu['gpufleet-router'] / cpu[BASELINE]:.3f}x, "
-              f"req/s {rps['gpufleet-router'] / rps[BASELINE]:.3f}x, p50 {lat['gpufleet-router'][0]:.2f} vs "
-              f"{lat[BASELINE][0]:.2f} ms, p99 {lat['gpufleet-router'][1]:.2f} vs {lat[BASELINE][1]:.2f} ms "
+    for base in baselines:
+        print(f"gpufleet-router vs {base}: CPU per request {cpu['gpufleet-router'] / cpu[base]:.3f}x, "
+              f"req/s {rps['gpufleet-router'] / rps[base]:.3f}x, p50 {lat['gpufleet-router'][0]:.2f} vs "
+              f"{lat[base][0]:.2f} ms, p99 {lat['gpufleet-router'][1]:.2f} vs {lat[base][1]:.2f} ms "
               f"(medians of {args.rounds} alternating saturation run(s))")
     return 0
 

@@ -81,14 +81,20 @@ def test_breakers_over_a_table_report_changes():
     assert b.snapshot() == {"w1": CLOSED}
 
 
-def test_table_is_shared_with_a_forked_process():
-    table = BreakerTable(slots=64, shared=True)
-    b = Breakers(table, threshold=1, cooldown_s=60, probe_timeout_s=10)
+def in_a_forked_process(fn) -> None:
+    """``fn()`` in a child process, as another gunicorn process would run it."""
     pid = os.fork()
-    if pid == 0:  # the child opens the breaker, as another gunicorn process would
-        b.failure("worker-x")
-        os._exit(0)
+    if pid == 0:
+        try:
+            fn()
+        finally:
+            os._exit(0)
     os.waitpid(pid, 0)
+
+
+def test_table_is_shared_with_a_forked_process():
+    b = Breakers(BreakerTable(slots=64, shared=True), threshold=1, cooldown_s=60, probe_timeout_s=10)
+    in_a_forked_process(lambda: b.failure("worker-x"))
     assert b.state("worker-x") == OPEN
 
 
@@ -125,15 +131,10 @@ def test_a_worker_that_leaves_frees_its_slot_for_another():
 
 
 def test_forget_in_one_process_is_seen_by_another():
-    table = BreakerTable(slots=64, shared=True)
-    b = Breakers(table, threshold=1, cooldown_s=60, probe_timeout_s=10)
+    b = Breakers(BreakerTable(slots=64, shared=True), threshold=1, cooldown_s=60, probe_timeout_s=10)
     b.failure("leaving")
     assert b.state("leaving") == OPEN  # cached slot in this process
-    pid = os.fork()
-    if pid == 0:
-        b.forget("leaving")
-        os._exit(0)
-    os.waitpid(pid, 0)
+    in_a_forked_process(lambda: b.forget("leaving"))
     assert b.state("leaving") == CLOSED
 
 
