@@ -10,10 +10,11 @@ loads: ``config.json``, ``model.safetensors`` (float32 by default), a byte-level
 tokenizer of about 1,000 tokens trained on generated English-like text, and a chat
 template that ends every message with the eos token ``</s>``.
 
-Serve it with ``--dtype float32``: vLLM's CPU build otherwise downcasts to bfloat16, which
-runs through AMX on these CPUs (Xeon), and with two vLLM servers on one machine their
-workers died of SIGILL on the first request (exit code -4; one server alone was fine).
-float32 takes the AVX-512 paths, and two servers run side by side.
+Serve it with ``--dtype float32``: vLLM's CPU build otherwise downcasts to bfloat16, whose
+attention runs on AMX tiles on these CPUs (Xeon) without asking Linux for them (the vllm
+role's AMX permission .pth, docs/ansible.md), and with two vLLM servers on one machine
+their workers died of SIGILL on the first request (exit code -4). float32 stays on
+AVX-512, and two servers run side by side.
 
 The shapes suit vLLM's CPU attention backend (head size 32 is among those it accepts):
 2 layers, hidden 128, 4 query heads and 2 KV heads of 32, 4,096 positions (serve it with
