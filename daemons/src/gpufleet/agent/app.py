@@ -51,9 +51,17 @@ def info():
 
 
 def _operator_allowed() -> bool:
-    """Loopback callers (Ansible on the host) or the AGENT_ADMIN_TOKEN bearer."""
+    """Callers on the host itself (Ansible) or the AGENT_ADMIN_TOKEN bearer.
+
+    On the host means loopback, or the agent's own bound address: an agent that listens
+    only on its tailnet address is reached there by the host too, and only the host can
+    connect from that address (WireGuard checks every peer's source addresses)."""
     try:
-        if ipaddress.ip_address((request.remote_addr or "").split("%")[0]).is_loopback:
+        remote = ipaddress.ip_address((request.remote_addr or "").split("%")[0])
+        if remote.is_loopback:
+            return True
+        bound = ipaddress.ip_address(_agent().config.bind_host)
+        if not bound.is_unspecified and remote == bound:
             return True
     except ValueError:
         pass
@@ -65,7 +73,7 @@ def _operator_allowed() -> bool:
 
 
 def _forbidden():
-    return jsonify({"error": {"message": "drain/undrain need a loopback caller or "
+    return jsonify({"error": {"message": "drain/undrain need a caller on the host (loopback or the agent's own address) or "
                               "Authorization: Bearer <AGENT_ADMIN_TOKEN>", "code": "forbidden"}}), 403
 
 
