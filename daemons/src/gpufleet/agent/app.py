@@ -51,17 +51,9 @@ def info():
 
 
 def _operator_allowed() -> bool:
-    """Callers on the host itself (Ansible) or the AGENT_ADMIN_TOKEN bearer.
-
-    On the host means loopback, or the agent's own bound address: an agent that listens
-    only on its tailnet address is reached there by the host too, and only the host can
-    connect from that address (WireGuard checks every peer's source addresses)."""
+    """Loopback callers (Ansible on the host) or the AGENT_ADMIN_TOKEN bearer."""
     try:
-        remote = ipaddress.ip_address((request.remote_addr or "").split("%")[0])
-        if remote.is_loopback:
-            return True
-        bound = ipaddress.ip_address(_agent().config.bind_host)
-        if not bound.is_unspecified and remote == bound:
+        if ipaddress.ip_address((request.remote_addr or "").split("%")[0]).is_loopback:
             return True
     except ValueError:
         pass
@@ -73,7 +65,7 @@ def _operator_allowed() -> bool:
 
 
 def _forbidden():
-    return jsonify({"error": {"message": "drain/undrain need a caller on the host (loopback or the agent's own address) or "
+    return jsonify({"error": {"message": "drain/undrain need a loopback caller or "
                               "Authorization: Bearer <AGENT_ADMIN_TOKEN>", "code": "forbidden"}}), 403
 
 
