@@ -1,0 +1,1 @@
+../fleet/find_secret.py
