@@ -247,3 +247,29 @@ def test_vllm_surfaces_request_ids_and_bad_input(fleet):
     assert_openai_error(resp, 503, "no_routable_worker")
     assert resp.headers["Retry-After"].isdigit()
     assert metric_sum(router.metrics(), "gpufleet_router_inflight_requests") == 0
+
+
+def test_metrics_readable_only_from_the_allow_list(fleet):
+    """The router listens where clients are; GPUFLEET_METRICS_ALLOW_FROM keeps /metrics to the
+    scrapers' addresses while every other path stays open."""
+    outsider = fleet.router(processes=1, wait_workers=0, name="router-closed",
+                            GPUFLEET_METRICS_ALLOW_FROM="10.9.9.9/32")
+    denied = requests.get(outsider.url + "/metrics", timeout=5)
+    assert denied.status_code == 403 and "GPUFLEET_METRICS_ALLOW_FROM" in denied.json()["error"]["message"]
+    assert "gpufleet_router" not in denied.text
+    assert requests.get(outsider.url + "/healthz", timeout=5).status_code == 200
+    assert requests.get(outsider.url + "/health", timeout=5).status_code == 200
+
+    scraper = fleet.router(processes=1, wait_workers=0, name="router-open",
+                           GPUFLEET_METRICS_ALLOW_FROM="127.0.0.1, 10.9.9.9")
+    allowed = requests.get(scraper.url + "/metrics", timeout=5)
+    assert allowed.status_code == 200 and "gpufleet_router_redis_up" in allowed.text
+
+
+def test_metrics_allow_list_is_validated_at_start(fleet, daemons):
+    script = daemons.script("gpufleet-router")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUFLEET_")}
+    bad = subprocess.run([script], env={**env, "GPUFLEET_REDIS_URL": fleet.redis_url,
+                                        "GPUFLEET_METRICS_ALLOW_FROM": "prometheus.local"},
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "GPUFLEET_METRICS_ALLOW_FROM" in bad.stderr

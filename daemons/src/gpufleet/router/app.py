@@ -8,6 +8,7 @@ import time
 
 from flask import Flask, Response, request
 
+from gpufleet.common.metrics_access import guard_metrics
 from gpufleet.common.rediskeys import RedisKeys
 
 from .admission import Admission, request_id
@@ -83,6 +84,8 @@ def create_app(config: RouterConfig, breaker_table: BreakerTable | None = None) 
 
     app = Flask("gpufleet.router")
     app.config["ROUTER"] = config
+    # The router listens where clients are: /metrics is kept to the scrapers' addresses.
+    guard_metrics(app, config.metrics_allow_from)
     created = int(time.time())
 
     def model_card(model_id: str) -> dict:

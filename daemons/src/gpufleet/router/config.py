@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from gpufleet.common.config import ConfigError, Env
+from gpufleet.common.metrics_access import allow_from_env
 from gpufleet.common.rediskeys import DEFAULT_PREFIX
 
 POLICIES = ("least_outstanding", "round_robin", "random")
@@ -44,6 +45,7 @@ class RouterConfig:
     log_level: str = "INFO"
     metrics_dir: str | None = None
     access_log: bool = False  # one JSON line per request on the gpufleet.router.access logger
+    metrics_allow_from: tuple = ()  # who may read /metrics (GPUFLEET_METRICS_ALLOW_FROM); empty: anyone
     tls_cert_file: str | None = None  # PEM certificate (chain) clients see; with tls_key_file, HTTPS
     tls_key_file: str | None = None
     background: bool = True  # the event listener, refresher and lease renewer (off in some unit tests)
@@ -89,6 +91,7 @@ class RouterConfig:
             log_level=(env.str("GPUFLEET_LOG_LEVEL", "INFO") or "INFO").upper(),
             metrics_dir=env.str("PROMETHEUS_MULTIPROC_DIR"),
             access_log=env.bool("GPUFLEET_ROUTER_ACCESS_LOG", False),
+            metrics_allow_from=allow_from_env(env),
             **_tls_files(env),
         )
         if cfg.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
