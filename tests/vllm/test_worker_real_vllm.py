@@ -108,6 +108,9 @@ class Streams:
 
 def test_agent_reads_real_load_kv_cache_ttft_and_prefix_cache(fleet, vllm_servers):
     server = vllm_servers.get("a")
+    # the agent's window holds what vLLM served since the agent started (its warm-up, the
+    # streams below and the eight timed requests): compare against that same span
+    since_agent = parse_vllm_metrics(requests.get(server.url + "/metrics", timeout=10).text).ttft
     agent_url = fleet.worker("gpu-a", server.url, METRICS_WINDOW_S="300")
     wait_until(lambda: readyz(agent_url)[0] == 200, timeout=30, what="the agent to be ready")
 
@@ -116,7 +119,7 @@ def test_agent_reads_real_load_kv_cache_ttft_and_prefix_cache(fleet, vllm_server
     try:
         wait_until(lambda: (agent_metric(agent_url, "gpufleet_agent_vllm_requests_running"),
                             agent_metric(agent_url, "gpufleet_agent_vllm_requests_waiting"))
-                   == (server.max_num_seqs, 2), timeout=30, what="running = max-num-seqs, 2 waiting, at the agent")
+                   == (server.max_num_seqs, 2), timeout=90, what="running = max-num-seqs, 2 waiting, at the agent")
         assert 0 < agent_metric(agent_url, "gpufleet_agent_vllm_kv_cache_usage_ratio") < 1
     finally:
         streams.close()
@@ -134,15 +137,20 @@ def test_agent_reads_real_load_kv_cache_ttft_and_prefix_cache(fleet, vllm_server
     for thread in threads:
         thread.join()
     after = parse_vllm_metrics(requests.get(server.url + "/metrics", timeout=10).text).ttft
-    delta = after.minus(before)
-    assert delta.count == len(prompts)
-    low, high = histogram_quantile(0.85, delta), histogram_quantile(1.0, delta)
+    assert after.minus(before).count == len(prompts)
+    window = after.minus(since_agent)
+    low, high = histogram_quantile(0.85, window), histogram_quantile(1.0, window)
+
+    seen = []
 
     def agent_p95():
-        value = agent_metric(agent_url, "gpufleet_agent_vllm_ttft_seconds", quantile="0.95")
-        return value if low - 1e-9 <= value <= high + 1e-9 else None
-    wait_until(agent_p95, timeout=10, what=f"the agent's TTFT p95 within vLLM's p85..p100 [{low:.3f}, {high:.3f}]")
+        seen.append(agent_metric(agent_url, "gpufleet_agent_vllm_ttft_seconds", quantile="0.95"))
+        return seen[-1] if low - 1e-9 <= seen[-1] <= high + 1e-9 else None
+    try:
+        wait_until(agent_p95, timeout=30, what="the agent's TTFT p95 within vLLM's p85..p100 over its window")
+    except TimeoutError:
+        raise AssertionError(f"agent TTFT p95 {seen[-3:]} outside vLLM's [{low:.3f}, {high:.3f}]") from None
 
     # the eight prompts share 300 words: vLLM's prefix cache served part of them, and the agent says how much
-    wait_until(lambda: 0 < agent_metric(agent_url, "gpufleet_agent_vllm_prefix_cache_hit_ratio") < 1, timeout=10,
+    wait_until(lambda: 0 < agent_metric(agent_url, "gpufleet_agent_vllm_prefix_cache_hit_ratio") < 1, timeout=30,
                what="the agent's prefix-cache hit ratio to show vLLM's hits")
