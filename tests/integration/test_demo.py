@@ -6,18 +6,14 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import requests
 
+from support.demo import start_demo
 from support.procs import wait_until
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def descendants(pid: int) -> set[int]:
@@ -69,18 +65,9 @@ def alive(pid: int) -> bool:
 
 @pytest.mark.timeout(300)
 def test_demo_streams_a_completion_survives_a_killed_worker_and_ctrl_c_stops_everything():
-    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "demo.py")], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    lines: list[str] = []
-    deadline = time.monotonic() + 180
+    proc, lines = start_demo()
     try:
-        for line in proc.stdout:
-            lines.append(line)
-            if line.strip() == "READY" or time.monotonic() > deadline:
-                break
         output = "".join(lines)
-        assert "READY" in output, output
         assert "streamed chat completion through the router" in output
         streamed = output.split("streamed chat completion through the router:", 1)[1].split("usage:", 1)[0]
         assert len(streamed.split()) >= 5, output  # words were printed as they streamed

@@ -6,33 +6,19 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import requests
 
+from support.demo import start_demo
 from support.procs import wait_until
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.timeout(300)
 def test_demo_with_monitoring_prints_a_prometheus_that_scrapes_the_whole_fleet():
-    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "demo.py"), "--workers", "2"], cwd=ROOT,
-                            env={**os.environ, "MONITORING": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines: list[str] = []
-    deadline = time.monotonic() + 180
+    proc, lines = start_demo("--workers", "2", env={**os.environ, "MONITORING": "1"})
     try:
-        for line in proc.stdout:
-            lines.append(line)
-            if line.strip() == "READY" or time.monotonic() > deadline:
-                break
         output = "".join(lines)
-        assert "READY" in output, output
         prometheus = re.search(r"Prometheus\s+(http://127\.0\.0\.1:\d+)", output).group(1)
         assert "model:gpufleet_router_requests:rate1m" in output
 

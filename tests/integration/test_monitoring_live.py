@@ -12,11 +12,12 @@ import openai
 import pytest
 import requests
 
-from gpufleet.agent.testing import agent_env, start_agent, start_sim
+from gpufleet.agent.testing import start_sim
 from gpufleet.common.rediskeys import RedisKeys
 from gpufleet.controlplane.testing import cp_env, run_cli, start_reconciler
 from support.procs import console_script, wait_until
 from support.prometheus import PrometheusServer, dashboard, panel_queries
+from support.workers import enrol_agent
 
 MODEL = "obs-model"
 VLLM_KEY = "sim-fleet-secret-obs"
@@ -25,7 +26,7 @@ WORKERS = ("gpu-a", "gpu-b")
 
 
 @pytest.fixture
-def live_fleet(daemons, database_url, redis_url, redis_server, tmp_path):
+def live_fleet(daemons, database_url, redis_url, redis_server):
     router_port = daemons.port()
     cp_port = daemons.port()
     router_url, cp_url = f"http://127.0.0.1:{router_port}", f"http://127.0.0.1:{cp_port}"
@@ -41,16 +42,11 @@ def live_fleet(daemons, database_url, redis_url, redis_server, tmp_path):
     daemons.wait_http(cp_url + "/readyz", timeout=60, proc=cp)
     start_reconciler(daemons, env)
     for i, instance_id in enumerate(WORKERS):
-        secret_file = tmp_path / f"{instance_id}.join-secret"
-        run_cli(cp_url, "instances", "add", instance_id, "--model", MODEL, "--join-secret-file", str(secret_file))
         # the second worker fails a fifth of its completions: the router retries them elsewhere
         faults = ("--fault-rate", "0.2", "--fault-mode", "error") if i else ()
         _, sim_url = start_sim(daemons, MODEL, "--api-key", VLLM_KEY, "--ttft-ms", "20", "--itl-ms", "2", *faults,
                                name=f"sim-{instance_id}")
-        start_agent(daemons, agent_env(instance_id=instance_id, control_plane_url=cp_url, model_id=MODEL,
-                                       vllm_base_url=sim_url, port=daemons.port(), VLLM_API_KEY=VLLM_KEY,
-                                       WORKER_JOIN_SECRET_FILE=secret_file),
-                    name=f"agent-{instance_id}")
+        enrol_agent(daemons, cp_url, instance_id, MODEL, sim_url, VLLM_API_KEY=VLLM_KEY)
     client = redis_server.client()
     wait_until(lambda: client.smembers(RedisKeys().ready_set(MODEL)) == set(WORKERS), timeout=60,
                what="both workers to be routable")

@@ -4,8 +4,6 @@ simulators as real processes; the operator's side through the ``gpufleet`` CLI."
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import threading
 import time
 
@@ -14,11 +12,12 @@ import pytest
 import requests
 from test_router_helpers import VLLM_KEY, metric_sum, parse_metrics, run_load
 
-from gpufleet.agent.testing import agent_env, start_agent, start_sim
+from gpufleet.agent.testing import start_sim
 from gpufleet.common.rediskeys import RedisKeys
 from gpufleet.controlplane.testing import cp_env, run_cli, start_control_plane, start_reconciler
 from support.procs import wait_until
 from support.router import start_router
+from support.workers import enrol_agent
 
 MODEL = "stack-model"
 
@@ -37,13 +36,8 @@ class Stack:
         return run_cli(self.cp_url, *args)
 
     def worker(self, instance_id: str) -> str:
-        secret_file = os.path.join(tempfile.mkdtemp(prefix="gpufleet-join-"), "join-secret")
-        self.cli("instances", "add", instance_id, "--model", MODEL, "--join-secret-file", secret_file)
         _, sim_url = start_sim(self.daemons, MODEL, "--api-key", VLLM_KEY, name=f"sim-{instance_id}")
-        start_agent(self.daemons, agent_env(instance_id=instance_id, control_plane_url=self.cp_url, model_id=MODEL,
-                                            vllm_base_url=sim_url, port=self.daemons.port(), VLLM_API_KEY=VLLM_KEY,
-                                            WORKER_JOIN_SECRET_FILE=secret_file),
-                    name=f"agent-{instance_id}")
+        enrol_agent(self.daemons, self.cp_url, instance_id, MODEL, sim_url, VLLM_API_KEY=VLLM_KEY)
         self.sims[instance_id] = sim_url
         return sim_url
 

@@ -6,8 +6,6 @@ reconcile every 0.5 s; the bounds below add tolerance for a loaded 2-core machin
 """
 
 import json
-import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -15,10 +13,11 @@ from dataclasses import dataclass
 import pytest
 import requests
 
-from gpufleet.agent.testing import TcpRelay, agent_env, start_agent, start_sim
+from gpufleet.agent.testing import TcpRelay, start_sim
 from gpufleet.common.rediskeys import RedisKeys
 from gpufleet.controlplane.testing import cp_env, run_cli, start_control_plane, start_reconciler
 from support.procs import wait_until
+from support.workers import enrol_agent
 
 MODEL = "tiny-llm"
 HEARTBEAT_S = 1.0
@@ -40,14 +39,9 @@ class Fleet:
 
     def start_worker(self, *sim_args: str, instance_id: str = "gpu-a", cp_url: str | None = None,
                      sim_port: int | None = None, wait_sim: bool = True):
-        secret_file = os.path.join(tempfile.mkdtemp(prefix="gpufleet-join-"), "join-secret")
-        self.cli("instances", "add", instance_id, "--model", MODEL, "--join-secret-file", secret_file)
         sim, sim_url = start_sim(self.daemons, MODEL, *sim_args, port=sim_port, wait=wait_sim,
                                  name=f"sim-{instance_id}")
-        agent, agent_url = start_agent(self.daemons, agent_env(
-            instance_id=instance_id, control_plane_url=cp_url or self.cp_url, model_id=MODEL,
-            vllm_base_url=sim_url, port=self.daemons.port(), WORKER_JOIN_SECRET_FILE=secret_file),
-            name=f"agent-{instance_id}")
+        agent, agent_url = enrol_agent(self.daemons, self.cp_url, instance_id, MODEL, sim_url, agent_cp_url=cp_url)
         return sim, sim_url, agent, agent_url
 
 

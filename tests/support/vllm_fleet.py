@@ -5,21 +5,19 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
-import tempfile
 import threading
 
 import h11
 import requests
 
-from gpufleet.agent.testing import agent_env, start_agent
 from gpufleet.common.rediskeys import RedisKeys
 from gpufleet.controlplane.testing import cp_env, run_cli, start_control_plane, start_reconciler
 
 from .router import start_router
 from .vllm import SERVED_NAME
 from .vllm_fixtures import VLLM_KEY
+from .workers import enrol_agent
 
 MODEL = SERVED_NAME
 
@@ -40,12 +38,8 @@ class Fleet:
 
     def worker(self, instance_id: str, vllm_url: str, advertise_url: str | None = None, **env) -> str:
         """An agent for the vLLM server at ``vllm_url``; returns the agent's URL."""
-        secret_file = os.path.join(tempfile.mkdtemp(prefix="gpufleet-join-"), "join-secret")
-        self.cli("instances", "add", instance_id, "--model", MODEL, "--join-secret-file", secret_file)
-        _, agent_url = start_agent(self.daemons, agent_env(
-            instance_id=instance_id, control_plane_url=self.cp_url, model_id=MODEL, vllm_base_url=vllm_url,
-            port=self.daemons.port(), VLLM_API_KEY=VLLM_KEY, ADVERTISE_URL=advertise_url,
-            WORKER_JOIN_SECRET_FILE=secret_file, **env), name=f"agent-{instance_id}")
+        _, agent_url = enrol_agent(self.daemons, self.cp_url, instance_id, MODEL, vllm_url,
+                                   VLLM_API_KEY=VLLM_KEY, ADVERTISE_URL=advertise_url, **env)
         self.agents[instance_id] = agent_url
         return agent_url
 
