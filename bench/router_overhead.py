@@ -4,8 +4,15 @@
 Starts, as real processes on loopback:
   - a backend that answers instantly: nginx ``return 200`` with a chat-completion JSON body;
   - nginx ``proxy_pass`` to that backend (keep-alive upstream): the near-zero-overhead reference;
-  - Redis, and gpufleet-router (gunicorn + gevent) with the backend published as a worker
-    through the control plane's Publisher and an API key, exactly as production writes them.
+  - Redis, and one gpufleet-router (gunicorn + gevent) per policy of ``--policies`` (default:
+    least_outstanding and cache_aware, side by side), with ``--workers`` workers (all on that
+    backend) published through the control plane's Publisher and an API key, exactly as
+    production writes them.
+
+The requests are chats of ``--tenants`` tenants (picked at random), each a tenant's system
+prompt of ``--prompt-chars`` characters and a short question (about workload (a) of
+bench/routing.py: 2,000-token system prompts): what the cache-aware policy reads, hashes and
+records per request. ``--prompt-chars 0`` sends the old tiny chat ("Say hi").
 
 Then measures each path (direct, nginx, router) with the same tools:
   - saturation: wrk with a Lua POST script (``-t2 -c64``), requests/s;
@@ -21,7 +28,8 @@ of this router to it.
 shared machine).
 
 Usage: bench/router_overhead.py [--duration 8] [--rate 200] [--processes N] [--connections 64]
-                                [--baseline DIR] [--rounds N]
+                                [--baseline DIR] [--rounds N] [--policies least_outstanding,cache_aware]
+                                [--workers 8] [--tenants 64] [--prompt-chars 8000]
 """
 
 from __future__ import annotations
@@ -53,6 +61,20 @@ MODEL = "bench-model"
 ERRORS: dict[str, int] = {}  # url → non-2xx answers seen by wrk (reported, with the router's log)
 API_KEY = "gfk_bench_" + "x" * 32
 BODY = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 8})
+BODIES = [BODY]  # what the requests send, at random (set in main)
+
+
+def chat_bodies(tenants: int, prompt_chars: int) -> list[str]:
+    """One chat per tenant: its own system prompt of ``prompt_chars`` characters, a question."""
+    if prompt_chars <= 0:
+        return [BODY]
+    out = []
+    for t in range(tenants):
+        words = f"Tenant {t} policy: answer in short sentences, cite the handbook section, stay polite. "
+        system = (words * (prompt_chars // len(words) + 1))[:prompt_chars]
+        out.append(json.dumps({"model": MODEL, "max_tokens": 8, "messages": [
+            {"role": "system", "content": system}, {"role": "user", "content": f"Question {t}: what is the limit?"}]}))
+    return out
 ANSWER = json.dumps({"id": "chatcmpl-bench", "object": "chat.completion", "created": 0, "model": MODEL,
                      "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
                                   "finish_reason": "stop"}],
@@ -155,9 +177,10 @@ def wrk(url: str, duration: int, connections: int, tmp: Path, cpu_of: int | None
     script = tmp / "post.lua"
     script.write_text(
         'wrk.method = "POST"\n'
-        f"wrk.body = {json.dumps(BODY)}\n"
         'wrk.headers["Content-Type"] = "application/json"\n'
-        f'wrk.headers["Authorization"] = "Bearer {API_KEY}"\n')
+        f'wrk.headers["Authorization"] = "Bearer {API_KEY}"\n'
+        "local bodies = {" + ",".join(json.dumps(b) for b in BODIES) + "}\n"
+        "request = function() return wrk.format(nil, nil, nil, bodies[math.random(#bodies)]) end\n")
     cpu_before = group_cpu_seconds(cpu_of) if cpu_of else 0.0
     out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "-s", str(script), url],
                          capture_output=True, text=True, timeout=duration + 60).stdout
@@ -178,9 +201,9 @@ class OpenLoop:
 
     def __init__(self, port: int, path: str, rate: float, duration: float, threads: int = 16):
         self.port, self.rate, self.duration, self.threads = port, rate, duration, threads
-        body = BODY.encode()
-        self.request = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
-                        f"Authorization: Bearer {API_KEY}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+        self.requests = [(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+                          f"Authorization: Bearer {API_KEY}\r\nContent-Length: {len(body.encode())}\r\n\r\n").encode()
+                         + body.encode() for body in BODIES]
         self.total = int(rate * duration)
         self._next = 0
         self._lock = threading.Lock()
@@ -203,7 +226,7 @@ class OpenLoop:
             delay = scheduled - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
-            sock.sendall(self.request)
+            sock.sendall(self.requests[(i * 7919) % len(self.requests)])  # a fixed, scattered order
             status = reader.readline()
             length = 0
             while (line := reader.readline()) not in (b"\r\n", b""):
@@ -239,7 +262,15 @@ def main() -> int:
     parser.add_argument("--baseline", type=Path, action="append", default=[],
                         help="a checkout whose router is measured beside this one (repeatable)")
     parser.add_argument("--rounds", type=int, default=1, help="alternating saturation runs; medians reported")
+    parser.add_argument("--policies", default="least_outstanding,cache_aware",
+                        help="comma-separated GPUFLEET_ROUTER_POLICY values: one router each, the first is the "
+                        "reference of the ratios")
+    parser.add_argument("--workers", type=int, default=8, help="workers published (all on the one backend)")
+    parser.add_argument("--tenants", type=int, default=64, help="distinct system prompts")
+    parser.add_argument("--prompt-chars", type=int, default=8000, help="characters of each system prompt")
     args = parser.parse_args()
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    BODIES[:] = chat_bodies(args.tenants, args.prompt_chars)
     for tool in ("nginx", "wrk", "redis-server"):
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
             print(f"{tool} is missing: run `make deps` (GPUFLEET_WITH_BENCH=1)", file=sys.stderr)
@@ -257,14 +288,20 @@ def main() -> int:
         redis_url = f"redis://127.0.0.1:{redis_port}/0"
         client = redis.Redis.from_url(redis_url)
         publisher = Publisher(client, RedisKeys(), heartbeat_interval_s=3600)
-        publisher.publish_worker("bench-w1", MODEL, f"http://127.0.0.1:{backend}")
+        for w in range(args.workers):
+            publisher.publish_worker(f"bench-w{w + 1}", MODEL, f"http://127.0.0.1:{backend}")
         publisher.publish_api_key(sha256_hex(API_KEY), "bench", "bench")
         router_env = {"GPUFLEET_REDIS_URL": redis_url, "GPUFLEET_ROUTER_PROCESSES": str(args.processes),
                       "GPUFLEET_LOG_LEVEL": "WARNING"}
-        router_proc = procs.start("router", [sys.executable, "-m", "gpufleet.router"],
-                                  {**router_env, "GPUFLEET_BIND": f"127.0.0.1:{router}"})
-        cpu_of = {"direct": nginx_proc.pid, "nginx": nginx_proc.pid, "gpufleet-router": router_proc.pid}
-        paths = [("direct", backend), ("nginx", proxy), ("gpufleet-router", router)]
+        cpu_of = {"direct": nginx_proc.pid, "nginx": nginx_proc.pid}
+        paths = [("direct", backend), ("nginx", proxy)]
+        for i, policy in enumerate(policies):
+            name, port = router_name(policy), (router if i == 0 else free_port())
+            proc = procs.start(f"router-{policy}", [sys.executable, "-m", "gpufleet.router"], {
+                **router_env, "GPUFLEET_BIND": f"127.0.0.1:{port}", "GPUFLEET_ROUTER_POLICY": policy,
+                "GPUFLEET_ROUTER_ID": f"bench-{policy}"})
+            cpu_of[name] = proc.pid
+            paths.append((name, port))
         baselines = []
         for i, checkout in enumerate(args.baseline):
             name, port = f"router ({checkout.resolve().name})", free_port()
@@ -272,7 +309,7 @@ def main() -> int:
                 **router_env, "GPUFLEET_BIND": f"127.0.0.1:{port}", "GPUFLEET_ROUTER_ID": f"baseline{i}",
                 "PYTHONPATH": str(checkout.resolve() / "daemons" / "src")})
             cpu_of[name] = proc.pid
-            paths.insert(2 + i, (name, port))
+            paths.insert(2 + len(policies) + i, (name, port))
             baselines.append(name)
         for _, port in paths:
             wait_port(port)
@@ -316,13 +353,20 @@ def main() -> int:
         print(f"{name:<26} {rps[name]:>9.0f} {rps[name] / rps['nginx']:>8.2f}x {cpu[name]:>11.0f} {p50:>8.2f} "
               f"{p99:>8.2f} {added50:>8.2f} {added99:>8.2f} {(added50 / ref if name != 'direct' else 0):>13.1f}x")
     print("CPU us/req: direct and nginx = the nginx process (backend, plus proxy for 'nginx'); "
-          "gpufleet-router = its own processes (not Redis, not the backend)")
-    for base in baselines:
-        print(f"gpufleet-router vs {base}: CPU per request {cpu['gpufleet-router'] / cpu[base]:.3f}x, "
-              f"req/s {rps['gpufleet-router'] / rps[base]:.3f}x, p50 {lat['gpufleet-router'][0]:.2f} vs "
-              f"{lat[base][0]:.2f} ms, p99 {lat['gpufleet-router'][1]:.2f} vs {lat[base][1]:.2f} ms "
+          "router rows = the router's own processes (not Redis, not the backend)")
+    print(f"requests: {len(BODIES)} chats of {args.prompt_chars} + ~30 characters over {args.workers} workers")
+    ref = router_name(policies[0])
+    others = [router_name(p) for p in policies[1:]] + baselines
+    for other in others:
+        print(f"{other} vs {ref}: CPU per request {cpu[other] / cpu[ref]:.3f}x "
+              f"({cpu[other] - cpu[ref]:+.0f} us), req/s {rps[other] / rps[ref]:.3f}x, p50 {lat[other][0]:.2f} vs "
+              f"{lat[ref][0]:.2f} ms, p99 {lat[other][1]:.2f} vs {lat[ref][1]:.2f} ms "
               f"(medians of {args.rounds} alternating saturation run(s))")
     return 0
+
+
+def router_name(policy: str) -> str:
+    return f"router {policy}"
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Least-outstanding balancing over shared leases: every router process and replica sees
-the same outstanding counts. Real routers, real Redis, simulator workers."""
+the same outstanding counts. Real routers, real Redis, simulator workers. The tests name
+their policy (whatever the default is): they hold least_outstanding to its own rule."""
 
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def test_three_workers_stay_balanced_under_300_concurrent_requests(fleet):
     sims = [fleet.sim(f"w{i}", "--max-num-seqs", "512") for i in range(3)]
     # a generous Redis budget: on a loaded 2-core machine a saturated router process can wait
     # past the default for its own greenlets, and fall back to (unbalanced) local counts
-    router = fleet.router(processes=2, GPUFLEET_ROUTER_REDIS_BUDGET_S=2)
+    router = fleet.router(processes=2, GPUFLEET_ROUTER_REDIS_BUDGET_S=2, GPUFLEET_ROUTER_POLICY="least_outstanding")
     session = requests.Session()
     session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=300))
 
@@ -90,7 +91,7 @@ def test_three_workers_stay_balanced_under_300_concurrent_requests(fleet):
 def test_a_three_times_slower_worker_gets_proportionally_fewer_requests(fleet):
     fast = [fleet.sim(f"fast{i}", "--ttft-ms", "40", "--itl-ms", "8") for i in range(2)]
     slow = fleet.sim("slow", "--ttft-ms", "120", "--itl-ms", "24")
-    router = fleet.router(processes=2)
+    router = fleet.router(processes=2, GPUFLEET_ROUTER_POLICY="least_outstanding")
     results = run_load(lambda i: router.chat(content=f"slow {i}", max_tokens=16, timeout=120).status_code, 450, 45)
     assert results.count(200) == 450
     m = router.metrics()
@@ -104,8 +105,10 @@ def test_a_three_times_slower_worker_gets_proportionally_fewer_requests(fleet):
 def test_two_router_instances_share_leases_and_a_killed_router_leaves_no_phantom_load(fleet):
     sims = [fleet.sim(f"w{i}") for i in range(3)]
     ttl = 3
-    a = fleet.router(processes=2, name="router-a", GPUFLEET_ROUTER_LEASE_TTL_S=ttl)
-    b = fleet.router(processes=2, name="router-b", GPUFLEET_ROUTER_LEASE_TTL_S=ttl)
+    a = fleet.router(processes=2, name="router-a", GPUFLEET_ROUTER_LEASE_TTL_S=ttl,
+                     GPUFLEET_ROUTER_POLICY="least_outstanding")
+    b = fleet.router(processes=2, name="router-b", GPUFLEET_ROUTER_LEASE_TTL_S=ttl,
+                     GPUFLEET_ROUTER_POLICY="least_outstanding")
 
     # outstanding requests taken through A decide where B sends: 6 on A, then 3 on B → 3 each
     threads = [long_request(a) for _ in range(6)]

@@ -53,6 +53,12 @@ class RedisKeys:
     def inflight(self, worker_id: str) -> str:
         return f"{self.prefix}inflight:{worker_id}"
 
+    def inflight_tokens(self, worker_id: str) -> str:
+        return f"{self.prefix}inflight_tokens:{worker_id}"
+
+    def prefix_index(self, worker_id: str) -> str:
+        return f"{self.prefix}prefix:{worker_id}"
+
 
 def encode_event(event_type: str, worker_id: str | None = None, model_id: str | None = None,
                  **extra) -> str:

@@ -54,6 +54,7 @@ class Admitted:
     model: str
     stream: bool
     workers: tuple[Worker, ...]
+    payload: dict | None = None  # the parsed body (read by the cache-aware policy only)
 
 
 class Admission:
@@ -76,7 +77,8 @@ class Admission:
                                    f"key; retry in {wait:.0f} s.", "rate_limit_exceeded",
                                    headers=[("Retry-After", str(int(wait + 0.999)))])
         body = self.read_body(environ)
-        model, stream = parse(body)
+        payload = parse(body)
+        model, stream = payload["model"], bool(payload.get("stream"))
         if not key.allows(model):
             raise RequestError(403, f"This API key may not use the model '{model}'.", "model_not_allowed", "model")
         workers = self.registry.workers(model)
@@ -87,7 +89,7 @@ class Admission:
                                    "no_routable_worker")
             raise RequestError(404, f"The model '{model}' does not exist.", "model_not_found", "model")
         exchange.model = model
-        return Admitted(path, body, model, stream, workers)
+        return Admitted(path, body, model, stream, workers, payload)
 
     def authenticate(self, environ) -> ApiKey:
         header = environ.get("HTTP_AUTHORIZATION") or ""
@@ -141,8 +143,8 @@ class Admission:
         raise RequestError(413, message, "request_too_large", headers=headers)
 
 
-def parse(body: bytes) -> tuple[str, bool]:
-    """``model`` and ``stream`` of the request; the body itself is forwarded untouched."""
+def parse(body: bytes) -> dict:
+    """The request as a JSON object with a ``model``; the body itself is forwarded untouched."""
     try:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError):
@@ -154,4 +156,4 @@ def parse(body: bytes) -> tuple[str, bool]:
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         raise RequestError(400, "You must provide a model parameter.", "missing_model", "model")
-    return model, bool(payload.get("stream"))
+    return payload

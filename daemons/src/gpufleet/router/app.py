@@ -12,6 +12,7 @@ from gpufleet.common.metrics_access import guard_metrics
 from gpufleet.common.rediskeys import RedisKeys
 
 from .admission import Admission, request_id
+from .affinity import AffinityRouter
 from .attempts import Attempts
 from .auth import KeyCache
 from .breaker import Breakers, BreakerTable
@@ -59,7 +60,8 @@ def create_app(config: RouterConfig, breaker_table: BreakerTable | None = None) 
                           config.read_timeout_s, config.pool_maxsize, config.pool_max_idle_s)
     admission = Admission(key_cache, registry, config.max_body_bytes,
                           RateLimiter(link, leases.batcher, config.redis_prefix))
-    attempts = Attempts(policy=Policy(config.policy), leases=leases, breakers=breakers,
+    affinity = AffinityRouter(leases, config.cache) if config.policy == "cache_aware" else None
+    attempts = Attempts(policy=Policy(config.policy), leases=leases, breakers=breakers, affinity=affinity,
                         retry=RetryPolicy(config.retries, RetryBudget(config.retry_budget_ratio,
                                                                       config.retry_budget_min_per_s)),
                         upstreams=upstreams, metrics=metrics, max_response_bytes=config.max_response_bytes)
@@ -75,6 +77,8 @@ def create_app(config: RouterConfig, breaker_table: BreakerTable | None = None) 
         current = {w.id: w.url for ws in view.values() for w in ws}
         for wid in seen.keys() - current.keys():
             breakers.forget(wid)
+        if affinity is not None and seen.keys() - current.keys():
+            affinity.local.forget(set(current))
         if seen.keys() - current.keys() or set(seen.values()) - set(current.values()):
             upstreams.retire(set(current.values()))
         seen.clear()

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .admission import Admitted
+from .affinity import AffinityRouter, Profile
 from .breaker import Breakers
 from .leases import LeaseManager
 from .metrics import RouterMetrics, usage_of
@@ -38,8 +39,10 @@ class Answer:
 
 class Attempts:
     def __init__(self, *, policy: Policy, leases: LeaseManager, breakers: Breakers, retry: RetryPolicy,
-                 upstreams: Upstreams, metrics: RouterMetrics, max_response_bytes: int):
+                 upstreams: Upstreams, metrics: RouterMetrics, max_response_bytes: int,
+                 affinity: AffinityRouter | None = None):
         self.policy = policy
+        self.affinity = affinity  # the cache_aware policy's acquisition (None for the others)
         self.leases = leases
         self.breakers = breakers
         self.retry = retry
@@ -52,11 +55,15 @@ class Attempts:
         tried: set[str] = set()
         attempts = 0
         last: Attempt | None = None
+        profile = self.affinity.profile(req.payload) if self.affinity is not None else None
         while not exchange.cancelled:
             candidates = self.candidates(req.workers, tried)
             if not candidates:
                 break
-            worker = self.pick(candidates, exchange)
+            if profile is not None:
+                worker = self.pick_affine(candidates, profile, req.model, exchange)
+            else:
+                worker = self.pick(candidates, exchange)
             attempts += 1
             if attempts == 1:
                 self.metrics.observe_before_upstream(req.model, time.perf_counter() - exchange.started)
@@ -114,6 +121,18 @@ class Attempts:
         exchange.hold(lease)
         return next(w for w in candidates if w.id == lease.worker_id)
 
+    def pick_affine(self, candidates: list[Worker], profile: Profile, model: str, exchange) -> Worker:
+        """Cache-aware: the cheapest candidate (uncached prompt tokens + load), leased and its
+        index updated in one step."""
+        ids = self.policy.order([w.id for w in candidates], {w.id: Load(0, w.queue_depth) for w in candidates})
+        by_id = {w.id: w for w in candidates}
+        reported = [self.affinity.reported(by_id[i].queue_depth, by_id[i].kv_cache_usage) for i in ids]
+        lease, matched = self.affinity.acquire(ids, reported, profile)
+        exchange.hold(lease)
+        self.metrics.count_affinity(model, profile.prompt_tokens,
+                                    min(profile.prompt_tokens, matched * self.affinity.settings.params.block_tokens))
+        return by_id[lease.worker_id]
+
     def one(self, worker: Worker, req: Admitted, exchange) -> tuple[Attempt, Answer | None]:
         """One attempt: the outcome, and the answer when there is one to give the client."""
         attempt = self.upstreams.send(worker.url, req.path, req.body, exchange.request_id, exchange.attach)
@@ -132,6 +151,8 @@ class Attempts:
                 first = next(chunks, None)
                 if first is None:
                     return Attempt(Outcome.RESET, None, "the stream ended before its first byte"), None
+                if exchange.lease is not None and exchange.lease.tokens is not None:
+                    self.leases.prefilled(exchange.lease)  # cache-aware: its prompt is done
                 self.metrics.observe_ttft(req.model, time.perf_counter() - exchange.started)
                 return attempt, Answer(resp.status, resp.headers, first=first, chunks=chunks)
             data = resp.read(self.max_response_bytes)

@@ -11,7 +11,9 @@ from gpufleet.common.config import ConfigError, Env
 from gpufleet.common.metrics_access import allow_from_env
 from gpufleet.common.rediskeys import DEFAULT_PREFIX
 
-POLICIES = ("least_outstanding", "round_robin", "random")
+from .policies import CacheAwareParams, CacheSettings
+
+POLICIES = ("least_outstanding", "cache_aware", "round_robin", "random")
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class RouterConfig:
     breaker_failures: int = 3
     breaker_cooldown_s: float = 10.0
     lease_ttl_s: float = 10.0
+    cache: CacheSettings = CacheSettings()  # the cache_aware policy's knobs
     max_body_bytes: int = 4 * 1024 * 1024
     key_cache_ttl_s: float = 5.0
     key_negative_ttl_s: float = 2.0
@@ -79,6 +82,7 @@ class RouterConfig:
             breaker_failures=env.int("GPUFLEET_ROUTER_BREAKER_FAILURES", 3, minimum=1, maximum=1000),
             breaker_cooldown_s=env.float("GPUFLEET_ROUTER_BREAKER_COOLDOWN_S", 10.0, minimum=0.1, maximum=3600),
             lease_ttl_s=env.float("GPUFLEET_ROUTER_LEASE_TTL_S", 10.0, minimum=1.0, maximum=3600),
+            cache=_cache_settings(env),
             max_body_bytes=env.int("GPUFLEET_ROUTER_MAX_BODY_BYTES", 4 * 1024 * 1024, minimum=1024),
             key_cache_ttl_s=env.float("GPUFLEET_ROUTER_KEY_CACHE_TTL_S", 5.0, minimum=0.0, maximum=300),
             key_negative_ttl_s=env.float("GPUFLEET_ROUTER_KEY_NEGATIVE_TTL_S", 2.0, minimum=0.0, maximum=300),
@@ -103,6 +107,30 @@ class RouterConfig:
     @property
     def scheme(self) -> str:
         return "https" if self.tls_cert_file else "http"
+
+
+def _cache_settings(env: Env) -> CacheSettings:
+    """``GPUFLEET_ROUTER_CACHE_*``: the cache_aware policy's knobs (read whatever the policy)."""
+    d, p = CacheSettings(), CacheAwareParams()
+    params = CacheAwareParams(
+        block_tokens=env.int("GPUFLEET_ROUTER_CACHE_BLOCK_TOKENS", p.block_tokens, minimum=1, maximum=1024),
+        overload_factor=env.float("GPUFLEET_ROUTER_CACHE_OVERLOAD_FACTOR", p.overload_factor, minimum=1.0,
+                                  maximum=100.0),
+        overload_slack=env.float("GPUFLEET_ROUTER_CACHE_OVERLOAD_SLACK", p.overload_slack, minimum=0.0,
+                                 maximum=1e9),
+        queue_tokens=env.float("GPUFLEET_ROUTER_CACHE_QUEUE_TOKENS", p.queue_tokens, minimum=0.0, maximum=1e9),
+        kv_tokens=env.float("GPUFLEET_ROUTER_CACHE_KV_TOKENS", p.kv_tokens, minimum=0.0, maximum=1e9),
+    )
+    return CacheSettings(
+        chars_per_token=env.float("GPUFLEET_ROUTER_CACHE_CHARS_PER_TOKEN", d.chars_per_token, minimum=0.5,
+                                  maximum=64.0),
+        max_blocks=env.int("GPUFLEET_ROUTER_CACHE_MAX_BLOCKS", d.max_blocks, minimum=1, maximum=4096),
+        capacity_blocks=env.int("GPUFLEET_ROUTER_CACHE_CAPACITY_BLOCKS", d.capacity_blocks, minimum=1,
+                                maximum=100_000_000),
+        ttl_s=env.float("GPUFLEET_ROUTER_CACHE_TTL_S", d.ttl_s, minimum=1.0, maximum=7 * 86400),
+        decode_tokens=env.int("GPUFLEET_ROUTER_CACHE_DECODE_TOKENS", d.decode_tokens, minimum=0, maximum=1_000_000),
+        params=params,
+    )
 
 
 def _tls_files(env: Env) -> dict:

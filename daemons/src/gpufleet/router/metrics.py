@@ -127,6 +127,12 @@ class RouterMetrics:
                                          "Generated tokens of answered requests (from usage; streams: from the final "
                                          "usage chunk when the client asked for it), by model and API key name",
                                          ["model", "api_key"], registry=r)
+        self.cache_prompt_tokens = Counter("gpufleet_router_cache_prompt_tokens_total",
+                                           "cache_aware policy: estimated prompt tokens of the requests it routed",
+                                           ["model"], registry=r)
+        self.cache_matched_tokens = Counter("gpufleet_router_cache_matched_tokens_total",
+                                            "cache_aware policy: of those, tokens found in the chosen worker's prefix "
+                                            "index (predicted prefix-cache hits)", ["model"], registry=r)
         self._requests = {}
         self._latency = {}
         self._ttft = {}
@@ -163,6 +169,14 @@ class RouterMetrics:
 
     def observe_before_upstream(self, model: str, seconds: float) -> None:
         self._child(self.before_upstream, (model,)).observe(seconds)
+
+    def count_affinity(self, model: str, prompt_tokens: int, matched_tokens: int) -> None:
+        """The cache-aware policy's estimate: prompt tokens routed, and how many of them the
+        chosen worker's prefix index held (its predicted prefix-cache hits)."""
+        if prompt_tokens:
+            self._child(self.cache_prompt_tokens, (model,)).inc(prompt_tokens)
+        if matched_tokens:
+            self._child(self.cache_matched_tokens, (model,)).inc(matched_tokens)
 
     def _child(self, metric, labels: tuple):
         """A cached label child (the request path pays a dict lookup, not a labels() call)."""

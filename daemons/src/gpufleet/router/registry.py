@@ -35,6 +35,7 @@ class Worker:
     url: str
     queue_depth: float = 0.0
     running: float = 0.0
+    kv_cache_usage: float = 0.0
 
 
 def _num(value) -> float:
@@ -49,7 +50,7 @@ def worker_from_hash(worker_id: str, model_id: str, fields: dict) -> Worker | No
     if not url:
         return None  # hash expired (stale heartbeat): not routable
     return Worker(worker_id, model_id, url.rstrip("/"), _num(fields.get("queue_depth")),
-                  _num(fields.get("running")))
+                  _num(fields.get("running")), _num(fields.get("kv_cache_usage")))
 
 
 class Registry:
