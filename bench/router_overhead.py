@@ -321,11 +321,16 @@ def main() -> int:
         # CPU per request: nginx's one process serves both the backend and the proxy; for the
         # router, its own processes only (the backend's share is what "direct" costs)
         runs: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in paths}
+        redis_us: dict[str, list[float]] = {name: [] for name, _ in paths}  # Redis's own time per request
         for _ in range(args.rounds):
             for name, port in paths:
+                client.config_resetstat()
                 runs[name].append(wrk(f"http://127.0.0.1:{port}/v1/chat/completions", args.duration,
                                       args.connections, tmp, cpu_of[name]))
+                busy = sum(v.get("usec", 0) for v in client.info("commandstats").values() if isinstance(v, dict))
+                redis_us[name].append(busy / max(1.0, runs[name][-1][0] * args.duration))
         rps = {name: statistics.median(r for r, _ in got) for name, got in runs.items()}
+        rus = {name: statistics.median(got) for name, got in redis_us.items()}
         cpu = {name: statistics.median(c for _, c in got) for name, got in runs.items()}
         lat = {name: OpenLoop(port, "/v1/chat/completions", args.rate, args.latency_seconds).run()
                for name, port in paths}
@@ -344,16 +349,18 @@ def main() -> int:
     print(f"\nrouter overhead on {os.cpu_count()} cores; router processes: {args.processes}; "
           f"wrk -t2 -c{args.connections} -d{args.duration}s; latency: open loop at {args.rate:.0f} req/s "
           f"for {args.latency_seconds:.0f} s")
-    print(f"{'path':<26} {'req/s':>9} {'vs nginx':>9} {'CPU us/req':>11} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'+p50 ms':>8} {'+p99 ms':>8} {'+p50 vs nginx':>14}")
+    print(f"{'path':<26} {'req/s':>9} {'vs nginx':>9} {'CPU us/req':>11} {'redis us/req':>13} {'p50 ms':>8} "
+          f"{'p99 ms':>8} {'+p50 ms':>8} {'+p99 ms':>8} {'+p50 vs nginx':>14}")
     for name, _ in paths:
         p50, p99 = lat[name]
         added50, added99 = p50 - d50, p99 - d99
         ref = (n50 - d50) or 1e-9
-        print(f"{name:<26} {rps[name]:>9.0f} {rps[name] / rps['nginx']:>8.2f}x {cpu[name]:>11.0f} {p50:>8.2f} "
-              f"{p99:>8.2f} {added50:>8.2f} {added99:>8.2f} {(added50 / ref if name != 'direct' else 0):>13.1f}x")
+        print(f"{name:<26} {rps[name]:>9.0f} {rps[name] / rps['nginx']:>8.2f}x {cpu[name]:>11.0f} {rus[name]:>13.1f} "
+              f"{p50:>8.2f} {p99:>8.2f} {added50:>8.2f} {added99:>8.2f} "
+              f"{(added50 / ref if name != 'direct' else 0):>13.1f}x")
     print("CPU us/req: direct and nginx = the nginx process (backend, plus proxy for 'nginx'); "
-          "router rows = the router's own processes (not Redis, not the backend)")
+          "router rows = the router's own processes (not Redis, not the backend); redis us/req = the time "
+          "Redis spent in commands (INFO commandstats) per request")
     print(f"requests: {len(BODIES)} chats of {args.prompt_chars} + ~30 characters over {args.workers} workers")
     ref = router_name(policies[0])
     others = [router_name(p) for p in policies[1:]] + baselines
