@@ -117,6 +117,22 @@ def test_stale_entries_do_not_count_and_a_fresh_copy_does(link):
     assert matched == 0  # expired everywhere: plain load order
 
 
+def test_a_hot_prefix_is_refreshed_at_most_once_a_second_and_new_blocks_always_recorded(link):
+    router = affinity(link, CacheSettings(max_blocks=50))
+    index = KEYS.prefix_index("w1")
+    shared = blocks("h", 40)
+    router.acquire(["w1"], [0.0], Profile(800, 0, shared))
+    first = link.client.zscore(index, shared[0])
+    longer = shared + blocks("tail", 5)[:5]
+    _, matched = router.acquire(["w1"], [0.0], Profile(900, 0, longer))
+    assert matched == 40
+    assert link.client.zscore(index, shared[0]) == first  # not rewritten within the second
+    assert link.client.zscore(index, longer[-1]) is not None  # the new blocks are
+    time.sleep(1.1)
+    router.acquire(["w1"], [0.0], Profile(900, 0, longer))
+    assert link.client.zscore(index, shared[0]) > first + 1000
+
+
 def test_token_leases_release_and_a_killed_routers_leases_expire(link):
     dead = affinity(link, CacheSettings(), ttl_s=1)
     alive = affinity(link, CacheSettings(), ttl_s=30)

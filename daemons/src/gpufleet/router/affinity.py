@@ -185,13 +185,18 @@ end
 local bound = factor * (total / n) + slack
 local out = {0, 0}
 local best, best_cost, best_prefill = 1, nil, prompt
+local last_seen = {}  -- candidate → score of its deepest matched block
 for i = 1, n do
   local matched = 0
   if nblocks > 0 and counts[i] <= bound then
     local key = KEYS[3 * i]
     local function has(j)
-      local s = redis.call('ZSCORE', key, block(j))
-      return s and tonumber(s) > fresh
+      local s = tonumber(redis.call('ZSCORE', key, block(j)))
+      if s and s > fresh then
+        last_seen[i] = s
+        return true
+      end
+      return false
     end
     if has(1) then
       local lo, hi = 1, nblocks
@@ -214,13 +219,20 @@ redis.call('HSET', KEYS[3 * best - 1], ARGV[1], tokens)
 redis.call('HINCRBY', KEYS[3 * best - 1], 'total', tokens)
 redis.call('PEXPIRE', KEYS[3 * best - 1], ttl * 3)
 if nblocks > 0 then
+  -- record the prompt's blocks; the matched prefix only when its last refresh is over a
+  -- second old (a hot prefix would otherwise rewrite the same entries on every request)
+  local from = 1
+  local matched = out[best + 2]
+  if matched > 0 and last_seen[best] + (matched - 1) > now - 1000 then from = matched + 1 end
   local key = KEYS[3 * best]
-  local args = {}
-  for j = 1, nblocks do
-    args[2 * j - 1] = now - (j - 1)
-    args[2 * j] = block(j)
+  if from <= nblocks then
+    local args = {}
+    for j = from, nblocks do
+      args[2 * (j - from) + 1] = now - (j - 1)
+      args[2 * (j - from) + 2] = block(j)
+    end
+    redis.call('ZADD', key, unpack(args))
   end
-  redis.call('ZADD', key, unpack(args))
   redis.call('ZREMRANGEBYSCORE', key, '-inf', fresh)
   local extra = redis.call('ZCARD', key) - capacity
   if extra > 0 then redis.call('ZREMRANGEBYRANK', key, 0, extra - 1) end
