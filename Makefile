@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help deps venv vllm-cpu test test-unit test-integration test-conformance test-vllm test-fleet test-fleet-vllm lint demo bench wheel clean
+.PHONY: help deps venv vllm-cpu test test-unit test-integration test-conformance test-vllm test-fleet test-fleet-vllm lint demo bench bench-routing wheel clean
 
 help:
 	@echo "make demo              a local fleet of simulated GPU workers behind the router"
@@ -20,6 +20,7 @@ help:
 	@echo "make test-fleet-vllm   the fleet with real vLLM (CPU build) on one worker (not in make test)"
 	@echo "make lint              ruff, yamllint, ansible-lint (production profile)"
 	@echo "make bench             benchmarks against peers measured in the same run"
+	@echo "make bench-routing     bench/routing.py: routing policies vs vllm-router on 8 simulated GPUs (~25 min)"
 
 deps:
 	@scripts/install-deps.sh
@@ -69,6 +70,16 @@ bench: venv
 	GPUFLEET_WITH_BENCH=1 GPUFLEET_WITH_PODMAN=0 scripts/install-deps.sh
 	$(PY) bench/sim_throughput.py
 	@if [ -f bench/router_overhead.py ]; then $(PY) bench/router_overhead.py; fi
+
+# issue 11's routing benchmark (not in `make bench`: ~25 min); vllm-router from PyPI in its
+# own venv outside the project. BENCH_ARGS=--quick for a 3-minute smoke run.
+BENCH_PEERS ?= $(HOME)/.cache/gpufleet/bench-peers
+BENCH_ARGS ?=
+bench-routing: venv
+	GPUFLEET_WITH_PODMAN=0 scripts/install-deps.sh
+	@test -x $(BENCH_PEERS)/bin/vllm-router || { python3 -m venv $(BENCH_PEERS) && \
+		$(BENCH_PEERS)/bin/pip install -q vllm-router==0.1.17; }
+	$(PY) bench/routing.py $(BENCH_ARGS)
 
 wheel: venv
 	$(PY) -m build --wheel --outdir dist daemons
