@@ -307,7 +307,13 @@ AGENT_READS = {
     "vllm:inter_token_latency_seconds": "histogram",
     "vllm:e2e_request_latency_seconds": "histogram",
     "vllm:request_queue_time_seconds": "histogram",
+    "vllm:request_prefill_time_seconds": "histogram",
+    "vllm:prompt_tokens_cached_total": "counter",
+    "vllm:iteration_tokens_total": "histogram",
 }
+# vLLM 0.32's buckets of tokens per engine step
+ITERATION_TOKENS_BUCKETS = ["1.0", "8.0", "16.0", "32.0", "64.0", "128.0", "256.0", "512.0", "1024.0", "2048.0",
+                            "4096.0", "8192.0", "16384.0", "+Inf"]
 
 
 def _family(name: str) -> str:
@@ -332,6 +338,45 @@ def test_metric_families_types_and_labels(server):
     ttft_count = [v for (n, _), v in found["samples"].items() if n == "vllm:time_to_first_token_seconds_count"]
     buckets = [dict(lab)["le"] for (n, lab) in found["samples"] if n == "vllm:time_to_first_token_seconds_bucket"]
     assert ttft_count and ttft_count[0] >= 1 and "+Inf" in buckets
+    steps = [dict(lab)["le"] for (n, lab) in found["samples"] if n == "vllm:iteration_tokens_total_bucket"]
+    assert steps == ITERATION_TOKENS_BUCKETS
+
+
+def cache_config(server) -> dict:
+    found = metrics(server)
+    assert found["types"].get("vllm:cache_config_info") == "gauge"
+    (labels, value), = [(dict(lab), v) for (n, lab), v in found["samples"].items() if n == "vllm:cache_config_info"]
+    assert value == 1
+    return labels
+
+
+def test_cache_config_info_names_the_block_size_and_the_number_of_blocks(server):
+    """(vLLM's CPU backend uses blocks of 128 tokens, GPUs 16, the simulator's default.)"""
+    labels = cache_config(server)
+    assert labels["engine"] == "0" and labels["enable_prefix_caching"] == "True"
+    assert int(labels["block_size"]) in (16, 128) and int(labels["num_gpu_blocks"]) > 0
+
+
+def test_a_repeated_prompt_hits_the_prefix_cache_in_tokens(server):
+    """The second request with the same long prompt reuses its full cached blocks: hits are
+    counted in tokens (whole blocks, all but the last token's), and as many prompt tokens
+    are counted as cached."""
+    block_size = int(cache_config(server)["block_size"])
+    prompt = "Prefix caching test number seven. " + "The quick brown fox jumps over the lazy dog. " * 30
+    text(server, prompt=prompt, max_tokens=2)
+    before = metrics(server)["samples"]
+    body = text(server, prompt=prompt, max_tokens=2)
+    after = metrics(server)["samples"]
+
+    def delta(name):
+        return sum(v for (n, _), v in after.items() if n == name) - sum(v for (n, _), v in before.items() if n == name)
+
+    prompt_tokens = body["usage"]["prompt_tokens"]
+    hits = delta("vllm:prefix_cache_hits_total")
+    assert delta("vllm:prefix_cache_queries_total") == prompt_tokens
+    assert hits % block_size == 0 and prompt_tokens - block_size <= hits < prompt_tokens, (hits, prompt_tokens)
+    assert delta("vllm:prompt_tokens_cached_total") == hits
+    assert delta("vllm:num_preemptions_total") == 0
 
 
 class LongStreams:

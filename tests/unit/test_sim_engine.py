@@ -8,17 +8,17 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gpufleet.sim import textgen
 from gpufleet.sim.engine import Engine
-from gpufleet.sim.latency import LatencyModel
+from gpufleet.sim.latency import StepCost
 from gpufleet.sim.metrics import SimMetrics
 from gpufleet.sim.protocol import Limits, parse_completion
 
 LIMITS = Limits(("m",), 4096, 16)
 
 
-def engine(latency=None, natural=(32, 64), max_num_seqs=4) -> Engine:
-    return Engine(latency=latency or LatencyModel(0, 0, 0, 0, 0), max_num_seqs=max_num_seqs,
-                  kv_capacity_tokens=1000, seed=0, natural_range=natural,
-                  metrics_factory=lambda **g: SimMetrics("m", 4096, **g))
+def engine(cost=None, natural=(32, 64), max_num_seqs=4, **kwargs) -> Engine:
+    return Engine(cost=cost or StepCost(0, 0, 0, 0, 0), max_num_seqs=max_num_seqs,
+                  kv_cache_tokens=kwargs.pop("kv_cache_tokens", 1008), seed=0, natural_range=natural,
+                  metrics_factory=lambda **g: SimMetrics("m", 4096, **g), **kwargs)
 
 
 def sample(eng: Engine, name: str, **labels) -> float:
@@ -72,7 +72,7 @@ def test_stop_string_truncates_and_streams_the_same_text():
     assert out.text == full[:full.index(word)]
     pieces = []
 
-    async def emit(text, finish, stop_reason):
+    async def emit(text, finish, stop_reason, generated):
         pieces.append((text, finish, stop_reason))
 
     streamed = run(eng.run(req, emit))
@@ -82,28 +82,92 @@ def test_stop_string_truncates_and_streams_the_same_text():
 
 
 def test_latency_model_is_slept():
-    eng = engine(LatencyModel(ttft_s=0.1, itl_s=0.02, prefill_s_per_token=0, jitter=0, slowdown_per_seq=0))
+    eng = engine(StepCost(step_s=0.02, step_s_per_token=0, ttft_s=0.1, jitter=0, slowdown_per_seq=0))
     req = parse_completion({"prompt": "p", "max_tokens": 11}, LIMITS)
     started = time.monotonic()
     run(eng.run(req))
     elapsed = time.monotonic() - started
-    assert 0.3 - 0.02 <= elapsed < 1.5          # 100 ms + 10 x 20 ms
+    assert 0.3 - 0.02 <= elapsed < 1.5          # 100 ms to the first token + 10 steps of 20 ms
     assert 0.1 <= sample(eng, "vllm:time_to_first_token_seconds_sum") < 1.0
 
 
 def test_kv_usage_follows_running_tokens_and_abort_is_counted():
-    eng = engine(LatencyModel(ttft_s=0, itl_s=0.01, prefill_s_per_token=0, jitter=0, slowdown_per_seq=0))
+    eng = engine(StepCost(step_s=0.01, step_s_per_token=0, ttft_s=0, jitter=0, slowdown_per_seq=0))
 
     async def scenario():
         req = parse_completion({"prompt": [1] * 100, "max_tokens": 500, "ignore_eos": True}, LIMITS)
         task = asyncio.create_task(eng.run(req, lambda *a: asyncio.sleep(0)))
         await asyncio.sleep(0.1)
-        assert eng.scheduler.running == 1
-        assert 0.1 < eng.kv_usage() < 0.2
+        assert len(eng.scheduler.running) == 1
+        assert 0.1 < eng.kv_usage() < 0.2       # 7 + a few decode blocks of 63
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert eng.scheduler.running == 0 and eng.kv_usage() == 0
+        assert len(eng.scheduler.running) == 0 and eng.kv_usage() == 0
 
     run(scenario())
     assert sample(eng, "vllm:request_success_total", finished_reason="abort") == 1
+
+
+def test_stream_interval_merges_tokens_into_fewer_events():
+    eng = engine(stream_interval=4)
+    events = []
+
+    async def emit(text, finish, stop_reason, generated):
+        events.append((text, generated))
+
+    out = run(eng.run(parse_completion({"prompt": "p", "max_tokens": 10}, LIMITS), emit))
+    assert [n for _, n in events] == [1, 5, 9, 10]          # the first token at once, then every 4
+    assert "".join(t for t, _ in events) == out.text
+
+
+def test_preempted_sequence_resumes_and_answers_the_same_text():
+    # 6 blocks of 16: two 40-token prompts take 3 blocks each, the first decode block preempts
+    eng = engine(kv_cache_tokens=96, max_num_seqs=2)
+
+    async def both():
+        reqs = [parse_completion({"prompt": [i] * 40, "max_tokens": 20, "ignore_eos": True}, LIMITS) for i in (1, 2)]
+        return await asyncio.gather(*(eng.run(r) for r in reqs))
+
+    a, b = run(both())
+    assert sample(eng, "vllm:num_preemptions_total") >= 1
+    alone = engine()
+    assert (a.text, b.text) == tuple(run(alone.run(parse_completion(
+        {"prompt": [i] * 40, "max_tokens": 20, "ignore_eos": True}, LIMITS))).text for i in (1, 2))
+    assert (a.completion_tokens, b.completion_tokens) == (20, 20)
+    assert eng.kv_usage() == 0
+
+
+def test_prefix_hit_counts_and_a_cold_prefill_costs_a_long_step():
+    eng = engine(StepCost(step_s=0.001, step_s_per_token=0.0002, ttft_s=0, jitter=0, slowdown_per_seq=0),
+                 kv_cache_tokens=8192)
+    prompt = {"prompt": list(range(1000)), "max_tokens": 2}
+    started = time.monotonic()
+    run(eng.run(parse_completion(prompt, LIMITS)))
+    cold = time.monotonic() - started
+    started = time.monotonic()
+    run(eng.run(parse_completion(prompt, LIMITS)))
+    warm = time.monotonic() - started
+    assert cold >= 0.2 and warm < cold / 3, (cold, warm)      # 1,000 x 0.2 ms against 8 x 0.2 ms
+    assert sample(eng, "vllm:prefix_cache_hits_total") == 992
+    assert sample(eng, "vllm:prefix_cache_queries_total") == 2000
+    assert sample(eng, "vllm:prompt_tokens_cached_total") == 992
+    assert sample(eng, "vllm:iteration_tokens_total_count") == 4   # two prefill steps, two decode steps
+
+
+def test_waiting_request_cancelled_leaves_the_queue_as_abort():
+    eng = engine(StepCost(step_s=0.01, step_s_per_token=0, ttft_s=0, jitter=0, slowdown_per_seq=0), max_num_seqs=1)
+
+    async def scenario():
+        long = parse_completion({"prompt": "a", "max_tokens": 1000, "ignore_eos": True}, LIMITS)
+        holder = asyncio.create_task(eng.run(long))
+        waiter = asyncio.create_task(eng.run(long))
+        await asyncio.sleep(0.05)
+        assert (len(eng.scheduler.running), len(eng.scheduler.waiting)) == (1, 1)
+        waiter.cancel()
+        holder.cancel()
+        await asyncio.gather(holder, waiter, return_exceptions=True)
+        assert (len(eng.scheduler.running), len(eng.scheduler.waiting)) == (0, 0)
+
+    run(scenario())
+    assert sample(eng, "vllm:request_success_total", finished_reason="abort") == 2

@@ -1,44 +1,52 @@
-"""The simulator's latency model."""
+"""The step engine's cost model: step duration, the ttft hold, the slow fault, time scale."""
 
 import random
 
 import pytest
 
-from gpufleet.sim.latency import SLOW_FACTOR, SLOW_MIN_ITL_S, SLOW_MIN_TTFT_S, LatencyModel
+from gpufleet.sim.latency import SLOW_FACTOR, SLOW_MIN_ITL_S, SLOW_MIN_TTFT_S, StepCost
 
 
-def test_ttft_grows_with_prompt_length_and_batch():
-    model = LatencyModel(ttft_s=0.04, itl_s=0.008, prefill_s_per_token=0.001, jitter=0, slowdown_per_seq=0.1)
+def test_step_costs_a_fixed_part_plus_each_batched_token():
+    cost = StepCost(step_s=0.006, step_s_per_token=0.00006, jitter=0, slowdown_per_seq=0)
     rng = random.Random(0)
-    assert model.ttft(0, 1, rng) == pytest.approx(0.04)
-    assert model.ttft(100, 1, rng) == pytest.approx(0.14)
-    # 3 running: two beyond the first, each 10 % slower
-    assert model.ttft(100, 3, rng) == pytest.approx(0.14 * 1.2)
+    assert cost.step(1, 1, rng) == pytest.approx(0.00606)
+    # one 2,000-token prefill chunk makes the step ~21x longer for everyone in it
+    assert cost.step(2001, 2, rng) == pytest.approx(0.006 + 2001 * 0.00006)
 
 
-def test_itl_slows_down_per_running_sequence():
-    model = LatencyModel(itl_s=0.01, jitter=0, slowdown_per_seq=0.01)
+def test_slowdown_per_running_sequence_and_time_scale():
+    cost = StepCost(step_s=0.01, step_s_per_token=0, jitter=0, slowdown_per_seq=0.01)
     rng = random.Random(0)
-    assert model.itl(1, rng) == pytest.approx(0.01)
-    assert model.itl(0, rng) == pytest.approx(0.01)
-    assert model.itl(101, rng) == pytest.approx(0.02)
+    assert cost.step(1, 1, rng) == pytest.approx(0.01)
+    assert cost.step(1, 101, rng) == pytest.approx(0.02)
+    slow_fleet = StepCost(step_s=0.01, step_s_per_token=0.001, ttft_s=0.03, jitter=0, slowdown_per_seq=0,
+                          time_scale=4)
+    assert slow_fleet.step(10, 1, rng) == pytest.approx(0.08)
+    assert slow_fleet.hold(rng) == pytest.approx(0.08)
+
+
+def test_hold_is_what_ttft_adds_beyond_the_prefill_step():
+    cost = StepCost(step_s=0.008, ttft_s=0.04, jitter=0)
+    assert cost.hold(random.Random(0)) == pytest.approx(0.032)
+    assert StepCost(step_s=0.05, ttft_s=0.04, jitter=0).hold(random.Random(0)) == 0
 
 
 def test_jitter_stays_within_bounds_and_varies():
-    model = LatencyModel(itl_s=0.01, jitter=0.2, slowdown_per_seq=0)
+    cost = StepCost(step_s=0.01, step_s_per_token=0, jitter=0.2, slowdown_per_seq=0)
     rng = random.Random(1)
-    values = [model.itl(1, rng) for _ in range(500)]
+    values = [cost.step(1, 1, rng) for _ in range(500)]
     assert min(values) >= 0.008 - 1e-12 and max(values) <= 0.012 + 1e-12
     assert max(values) - min(values) > 0.003
 
 
 def test_slow_fault_multiplies_with_floors():
-    model = LatencyModel(ttft_s=0.05, itl_s=0.01, prefill_s_per_token=0, jitter=0, slowdown_per_seq=0)
+    cost = StepCost(step_s=0.01, step_s_per_token=0, ttft_s=0.05, jitter=0, slowdown_per_seq=0)
     rng = random.Random(0)
-    assert model.ttft(0, 1, rng, slow=True) == pytest.approx(0.05 * SLOW_FACTOR)
-    assert model.itl(1, rng, slow=True) == pytest.approx(0.01 * SLOW_FACTOR)
-    zero = LatencyModel(ttft_s=0, itl_s=0, prefill_s_per_token=0, jitter=0)
+    assert cost.hold(rng, slow=True) == pytest.approx(0.05 * SLOW_FACTOR)
+    assert cost.slow_gap(rng) == pytest.approx(0.01 * (SLOW_FACTOR - 1))
+    zero = StepCost(step_s=0, step_s_per_token=0, ttft_s=0, jitter=0)
     assert zero.is_zero
-    assert zero.ttft(10, 1, rng) == 0 and zero.itl(1, rng) == 0
-    assert zero.ttft(10, 1, rng, slow=True) == SLOW_MIN_TTFT_S
-    assert zero.itl(1, rng, slow=True) == SLOW_MIN_ITL_S
+    assert zero.step(10, 1, rng) == 0 and zero.hold(rng) == 0
+    assert zero.hold(rng, slow=True) == SLOW_MIN_TTFT_S
+    assert zero.slow_gap(rng) == SLOW_MIN_ITL_S

@@ -49,3 +49,24 @@ def test_histogram_buckets_are_vllms_and_cumulative():
 def test_1_2_5_buckets():
     assert build_1_2_5_buckets(100) == [1, 2, 5, 10, 20, 50, 100]
     assert build_1_2_5_buckets(4096)[-1] == 2000
+
+
+def test_step_engine_families_prefix_cache_from_the_scheduler_and_cache_config_info():
+    from gpufleet.sim.metrics import ITERATION_TOKENS_BUCKETS
+    from gpufleet.sim.scheduler import CacheStats
+
+    stats = CacheStats(queries=1000, hits=640)
+    metrics = SimMetrics("m", 4096, running=lambda: 0, waiting=lambda: 0, kv_usage=lambda: 0, cache_stats=stats,
+                         cache_info={"block_size": 16, "num_gpu_blocks": 4096, "enable_prefix_caching": True})
+    metrics.iteration_tokens.observe(300)
+    metrics.num_preemptions.inc()
+    found = families(metrics)
+    value = {s.name: s.value for f in found.values() for s in f.samples if not s.labels.get("le")}
+    assert value["vllm:prefix_cache_queries_total"] == 1000 and value["vllm:prefix_cache_hits_total"] == 640
+    assert value["vllm:num_preemptions_total"] == 1 and value["vllm:prompt_tokens_cached_total"] == 0
+    bounds = [s.labels["le"] for s in found["vllm:iteration_tokens_total"].samples if s.name.endswith("_bucket")]
+    assert bounds == [str(float(b)) for b in ITERATION_TOKENS_BUCKETS] + ["+Inf"]
+    (info,) = found["vllm:cache_config_info"].samples
+    assert info.value == 1
+    assert info.labels == {"block_size": "16", "num_gpu_blocks": "4096", "enable_prefix_caching": "True",
+                           "engine": "0"}

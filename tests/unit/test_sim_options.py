@@ -48,3 +48,38 @@ def test_invalid_flags_exit_2_with_a_clear_message(argv, words, capsys):
         parse_args(argv)
     assert info.value.code == 2
     assert words in capsys.readouterr().err
+
+
+def test_step_engine_defaults_keep_the_old_knobs_meaning():
+    o = parse_args(["m"])
+    assert (o.step_ms, o.step_ms_per_token, o.max_num_batched_tokens, o.block_size) == (8, 0.02, 8192, 16)
+    assert (o.kv_cache_tokens, o.enable_prefix_caching, o.time_scale, o.stream_interval) == (65536, True, 1, 1)
+    assert o.profile is None
+    # --itl-ms and --prefill-ms-per-token are the older names of the step costs
+    old = parse_args(["m", "--itl-ms", "5", "--prefill-ms-per-token", "0.1"])
+    assert (old.step_ms, old.step_ms_per_token) == (5, 0.1)
+    assert parse_args(["m", "--itl-ms", "5", "--step-ms", "3"]).step_ms == 3
+
+
+def test_profile_sets_values_and_explicit_flags_override_them():
+    o = parse_args(["m", "--profile", "llama-3.1-8b-h100"])
+    assert (o.step_ms, o.step_ms_per_token, o.ttft_ms, o.slowdown_per_seq) == (6.0, 0.06, 0, 0)
+    assert (o.max_num_batched_tokens, o.max_num_seqs, o.kv_cache_tokens) == (8192, 1024, 400_000)
+    mine = parse_args(["m", "--profile", "llama-3.1-8b-h100", "--kv-cache-tokens", "32768", "--max-num-seqs", "64",
+                       "--itl-ms", "7", "--time-scale", "3", "--no-enable-prefix-caching", "--stream-interval", "4"])
+    assert (mine.kv_cache_tokens, mine.max_num_seqs, mine.step_ms, mine.step_ms_per_token) == (32768, 64, 7, 0.06)
+    assert (mine.time_scale, mine.enable_prefix_caching, mine.stream_interval) == (3, False, 4)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["m", "--profile", "gpt-9-tpu"], "profile"),
+    (["m", "--kv-cache-tokens", "1000"], "--kv-cache-tokens 1000 is smaller than --max-model-len 4096"),
+    (["m", "--max-num-batched-tokens", "0"], "max-num-batched-tokens"),
+    (["m", "--time-scale", "-1"], "time-scale"),
+    (["m", "--stream-interval", "0"], "stream-interval"),
+])
+def test_invalid_step_engine_flags(argv, words, capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_args(argv)
+    assert info.value.code == 2
+    assert words in capsys.readouterr().err

@@ -82,3 +82,14 @@ def test_no_stops_passes_text_through():
     checker = textgen.StopChecker([])
     assert checker.feed("abc") == ("abc", None)
     assert checker.flush() == ""
+
+
+def test_chat_template_tokens_count_like_chat_prompt_tokens_and_share_history():
+    turn1 = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello world"}]
+    turn2 = turn1 + [{"role": "assistant", "content": "Hi there."}, {"role": "user", "content": "more"}]
+    first, second = textgen.chat_template_tokens(turn1), textgen.chat_template_tokens(turn2)
+    assert len(first) == textgen.chat_prompt_tokens(turn1) and len(second) == textgen.chat_prompt_tokens(turn2)
+    # the next turn re-sends the history: its tokens start with the previous turn's messages
+    history = len(first) - textgen.CHAT_TOKENS_FOR_REPLY
+    assert second[:history] == first[:history]
+    assert textgen.tokenize("Hello, world!") == ["Hello", ",", "world", "!"]

@@ -21,8 +21,11 @@ def main(argv: list[str] | None = None) -> None:
     log = setup_logging("gpufleet.sim", options.log_level)
     if not options.access_log:
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    latency = (f"ttft {options.ttft_ms} ms, itl {options.itl_ms} ms, jitter {options.jitter}, "
-               f"startup delay {options.startup_delay} s")
+    latency = (f"profile {options.profile or 'none'}: step {options.step_ms} ms + {options.step_ms_per_token} ms "
+               f"per batched token (max {options.max_num_batched_tokens}), ttft {options.ttft_ms} ms, "
+               f"jitter {options.jitter}, time scale {options.time_scale}, KV {options.kv_cache_tokens} tokens "
+               f"in blocks of {options.block_size}, prefix caching "
+               f"{'on' if options.enable_prefix_caching else 'off'}, startup delay {options.startup_delay} s")
     if options.startup_delay and not options.listen_while_loading:
         # vLLM opens its port only once the model is loaded: a client meets "connection refused"
         log.info("gpufleet-vllm-sim: loading the model for %.1f s (port %d closed until then, as vLLM's)",

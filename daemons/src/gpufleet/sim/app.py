@@ -18,7 +18,7 @@ from aiohttp import web
 from . import VLLM_COMPAT_VERSION
 from .engine import Engine
 from .faults import RESET_STREAM_AFTER_CHUNKS, FaultConfig, FaultInjector, validate_update
-from .latency import SLOW_FACTOR, LatencyModel
+from .latency import SLOW_FACTOR, StepCost
 from .metrics import CONTENT_TYPE, SimMetrics
 from .options import SimOptions
 from .protocol import ChunkEncoder, Limits, RequestError, completion_response, parse_body, parse_chat, parse_completion
@@ -36,11 +36,13 @@ class SimState:
         self.options = options
         self.names = options.served_names
         self.limits = Limits(self.names, options.max_model_len, options.default_max_tokens)
-        latency = LatencyModel(ttft_s=options.ttft_ms / 1000, itl_s=options.itl_ms / 1000,
-                               prefill_s_per_token=options.prefill_ms_per_token / 1000,
-                               jitter=options.jitter, slowdown_per_seq=options.slowdown_per_seq)
+        cost = StepCost(step_s=options.step_ms / 1000, step_s_per_token=options.step_ms_per_token / 1000,
+                        ttft_s=options.ttft_ms / 1000, jitter=options.jitter,
+                        slowdown_per_seq=options.slowdown_per_seq, time_scale=options.time_scale)
         self.engine = Engine(
-            latency=latency, max_num_seqs=options.max_num_seqs, kv_capacity_tokens=options.kv_cache_tokens,
+            cost=cost, max_num_seqs=options.max_num_seqs, kv_cache_tokens=options.kv_cache_tokens,
+            max_num_batched_tokens=options.max_num_batched_tokens, block_size=options.block_size,
+            enable_prefix_caching=options.enable_prefix_caching, stream_interval=options.stream_interval,
             seed=options.seed, natural_range=options.output_len_range,
             metrics_factory=lambda **gauges: SimMetrics(self.names[0], options.max_model_len, **gauges))
         mode = options.fault_mode if options.fault_rate > 0 else "none"
@@ -113,7 +115,8 @@ async def _probe_fault(request: web.Request, state: SimState) -> web.StreamRespo
     if fault == "reset":
         return await _reset(request)
     if fault == "slow":
-        await asyncio.sleep(max(state.options.ttft_ms / 1000 * SLOW_FACTOR, SLOW_PROBE_MIN_S))
+        await asyncio.sleep(max(state.options.ttft_ms / 1000 * SLOW_FACTOR, SLOW_PROBE_MIN_S)
+                            * state.options.time_scale)
     return None
 
 
@@ -207,11 +210,9 @@ async def _stream(request, state, req, request_id, created, arrival, slow, reset
     response = web.StreamResponse(status=200, headers=SSE_HEADERS)
     await response.prepare(request)
     chunks = 0
-    generated = 0
 
-    async def emit(text: str, finish_reason: str | None, stop_reason: str | None) -> None:
-        nonlocal chunks, generated
-        generated += 1
+    async def emit(text: str, finish_reason: str | None, stop_reason: str | None, generated: int) -> None:
+        nonlocal chunks
         data = b""
         if chunks == 0 and encoder.chat:
             data = encoder.role()
@@ -262,7 +263,11 @@ def create_app(options: SimOptions) -> web.Application:
     async def on_startup(app: web.Application) -> None:
         state.started = time.monotonic()
 
+    async def on_cleanup(app: web.Application) -> None:
+        await state.engine.close()
+
     app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
     app.router.add_get("/health", health)
     app.router.add_get("/version", version)
     app.router.add_get("/v1/models", models)

@@ -25,6 +25,8 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
                 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
 PER_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
                      7.5, 10.0, 20.0, 40.0, 80.0)
+# tokens per engine step: powers of two up to a typical max-num-batched-tokens (vLLM 0.32)
+ITERATION_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
                            50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -78,8 +80,14 @@ class Histo:
 
 class SimMetrics:
     def __init__(self, model_name: str, max_model_len: int, *, running: Callable[[], float],
-                 waiting: Callable[[], float], kv_usage: Callable[[], float]):
+                 waiting: Callable[[], float], kv_usage: Callable[[], float], cache_stats=None,
+                 cache_info: dict | None = None):
         self._labels = [model_name, "0"]
+        # the scheduler's prefix-cache counters (queries and hits in tokens), read at scrape time
+        self._cache_stats = cache_stats
+        # vllm:cache_config_info: an info-style gauge set to 1, labelled with the cache settings
+        # (vLLM labels it with every CacheConfig field and ``engine``; here, those that are simulated)
+        self._cache_info = {key: str(value) for key, value in (cache_info or {}).items()}
         self._gauges = [
             ("vllm:num_requests_running", "Number of requests in model execution batches.", running),
             ("vllm:num_requests_waiting", "Number of requests waiting to be processed.", waiting),
@@ -91,7 +99,7 @@ class SimMetrics:
         self.prompt_tokens = Count()
         self.generation_tokens = Count()
         self.num_preemptions = Count()
-        self.prefix_cache_hits = Count()  # no prefix caching is simulated: every queried token misses
+        self.prompt_tokens_cached = Count()
         self.success = {reason: Count() for reason in FINISH_REASONS}
         token_buckets = build_1_2_5_buckets(max_model_len)
         self.request_prompt_tokens = Histo(token_buckets)
@@ -105,6 +113,7 @@ class SimMetrics:
         self.inference_time = Histo(REQUEST_LATENCY_BUCKETS)
         self.prefill_time = Histo(REQUEST_LATENCY_BUCKETS)
         self.decode_time = Histo(REQUEST_LATENCY_BUCKETS)
+        self.iteration_tokens = Histo(ITERATION_TOKENS_BUCKETS)
         self._histograms = [
             ("vllm:request_prompt_tokens", "Number of prefill tokens processed.", self.request_prompt_tokens),
             ("vllm:request_generation_tokens", "Number of generation tokens processed.",
@@ -123,6 +132,7 @@ class SimMetrics:
              self.prefill_time),
             ("vllm:request_decode_time_seconds", "Histogram of time spent in DECODE phase for request.",
              self.decode_time),
+            ("vllm:iteration_tokens_total", "Histogram of number of tokens per engine_step.", self.iteration_tokens),
         ]
         self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=self.registry)
@@ -136,17 +146,26 @@ class SimMetrics:
             family = GaugeMetricFamily(name, doc, labels=LABELS)
             family.add_metric(labels, float(read()))
             yield family
-        for name, doc, count in (("vllm:prompt_tokens", "Number of prefill tokens processed.", self.prompt_tokens),
-                                 ("vllm:generation_tokens", "Number of generation tokens processed.",
-                                  self.generation_tokens),
-                                 ("vllm:num_preemptions", "Cumulative number of preemption from the engine.",
-                                  self.num_preemptions),
-                                 ("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried "
-                                  "tokens.", self.prompt_tokens),
-                                 ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
-                                  self.prefix_cache_hits)):
+        stats = self._cache_stats
+        for name, doc, value in (
+                ("vllm:prompt_tokens", "Number of prefill tokens processed.", self.prompt_tokens.value),
+                ("vllm:generation_tokens", "Number of generation tokens processed.", self.generation_tokens.value),
+                ("vllm:num_preemptions", "Cumulative number of preemption from the engine.",
+                 self.num_preemptions.value),
+                ("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",
+                 stats.queries if stats is not None else 0),
+                ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
+                 stats.hits if stats is not None else 0),
+                ("vllm:prompt_tokens_cached", "Number of cached prompt tokens (local + external).",
+                 self.prompt_tokens_cached.value)):
             family = CounterMetricFamily(name, doc, labels=LABELS)
-            family.add_metric(labels, count.value)
+            family.add_metric(labels, value)
+            yield family
+        if self._cache_info:
+            names = list(self._cache_info) + ["engine"]
+            family = GaugeMetricFamily("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
+                                       labels=names)
+            family.add_metric(list(self._cache_info.values()) + ["0"], 1.0)
             yield family
         family = CounterMetricFamily("vllm:request_success", "Count of successfully processed requests.",
                                      labels=LABELS + ("finished_reason",))

@@ -42,6 +42,8 @@ class GenRequest:
     prompt_key: str               # what the generated text is derived from
     prompt_tokens: int
     max_tokens: int
+    # the prompt's tokens (after the chat template), for prefix caching; len == prompt_tokens
+    tokens: list[str] = field(default_factory=list)
     stream: bool = False
     stops: list[str] = field(default_factory=list)
     seed: int | None = None
@@ -85,7 +87,7 @@ def _number_type(body: dict, name: str) -> float | None:
     return value
 
 
-def _common(body: dict, limits: Limits, kind: str, prompt_key: str, prompt_tokens: int,
+def _common(body: dict, limits: Limits, kind: str, prompt_key: str, tokens: list[str],
             max_tokens: int | None, max_tokens_name: str = "max_tokens") -> GenRequest:
     """Validate in vLLM's order: the request's shape (types, as its pydantic models do), then
     the model (404), then the values (sampling parameters, lengths)."""
@@ -137,6 +139,7 @@ def _common(body: dict, limits: Limits, kind: str, prompt_key: str, prompt_token
     _at_least(max_tokens, max_tokens_name, 1)
     _at_least(min_tokens, "min_tokens", 0)
 
+    prompt_tokens = len(tokens)
     room = limits.max_model_len - prompt_tokens
     if max_tokens is not None and max_tokens > limits.max_model_len:
         raise _bad(f"max_tokens={max_tokens} cannot be greater than max_model_len={limits.max_model_len}. "
@@ -154,7 +157,7 @@ def _common(body: dict, limits: Limits, kind: str, prompt_key: str, prompt_token
                    "min_tokens")
 
     return GenRequest(kind=kind, model=model, prompt_key=prompt_key, prompt_tokens=prompt_tokens,
-                      max_tokens=max_tokens, stream=stream, stops=stops, seed=seed,
+                      max_tokens=max_tokens, tokens=tokens, stream=stream, stops=stops, seed=seed,
                       include_usage=bool(stream_options.get("include_usage")),
                       continuous_usage=bool(stream_options.get("continuous_usage_stats")),
                       ignore_eos=ignore_eos, min_tokens=min_tokens)
@@ -183,7 +186,7 @@ def parse_chat(body: dict, limits: Limits) -> GenRequest:
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _int_type(body, name)
     prompt_key = "\x1e".join(f"{m['role']}\x1f{textgen.content_text(m.get('content'))}" for m in messages)
-    return _common(body, limits, "chat", prompt_key, textgen.chat_prompt_tokens(messages), max_tokens, name)
+    return _common(body, limits, "chat", prompt_key, textgen.chat_template_tokens(messages), max_tokens, name)
 
 
 def parse_completion(body: dict, limits: Limits) -> GenRequest:
@@ -191,17 +194,19 @@ def parse_completion(body: dict, limits: Limits) -> GenRequest:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
-        prompt_key, prompt_tokens = prompt, textgen.count_tokens(prompt)
+        prompt_key, tokens = prompt, textgen.tokenize(prompt)
     elif (isinstance(prompt, list) and prompt
           and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
-        prompt_key, prompt_tokens = " ".join(map(str, prompt)), len(prompt)
+        tokens = [str(t) for t in prompt]
+        prompt_key = " ".join(tokens)
     elif isinstance(prompt, list) and len(prompt) > 1:
         raise _bad("batched prompts are not supported by gpufleet-vllm-sim: send one prompt per request",
                    "prompt")
     else:
         raise _bad("prompt must be a string or a list of token ids", "prompt")
-    prompt_tokens = max(prompt_tokens, 1)
-    return _common(body, limits, "completion", prompt_key, prompt_tokens, _int_type(body, "max_tokens"))
+    if not tokens:
+        tokens = ["<s>"]  # an empty prompt is still one token (the BOS), as with a real tokenizer
+    return _common(body, limits, "completion", prompt_key, tokens, _int_type(body, "max_tokens"))
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

@@ -36,6 +36,12 @@ def count_tokens(text: str) -> int:
     return len(_TOKEN_RE.findall(text))
 
 
+def tokenize(text: str) -> list[str]:
+    """The prompt's tokens, as strings: the same text gives the same tokens in every process
+    (no salted ``hash()``), which is what makes prefix-cache block hashes agree across workers."""
+    return _TOKEN_RE.findall(text)
+
+
 def content_text(content) -> str:
     """The text of a chat message's ``content``: a string or a list of parts."""
     if content is None:
@@ -53,6 +59,20 @@ def chat_prompt_tokens(messages: list[dict]) -> int:
     for message in messages:
         total += CHAT_TOKENS_PER_MESSAGE + count_tokens(content_text(message.get("content")))
     return total
+
+
+def chat_template_tokens(messages: list[dict]) -> list[str]:
+    """The prompt after a Llama-like chat template, tokenised: per message ``<|start|> role
+    <|sep|> content… <|end|>`` (CHAT_TOKENS_PER_MESSAGE), then ``<|start|> assistant <|sep|>``
+    to open the reply (CHAT_TOKENS_FOR_REPLY). A conversation that re-sends its history
+    therefore starts with the same tokens as its previous turn, as with a real template."""
+    tokens: list[str] = []
+    for message in messages:
+        tokens += ("<|start|>", str(message.get("role")), "<|sep|>")
+        tokens += _TOKEN_RE.findall(content_text(message.get("content")))
+        tokens.append("<|end|>")
+    tokens += ("<|start|>", "assistant", "<|sep|>")
+    return tokens
 
 
 def seed_for(prompt_key: str, seed: int) -> bytes:
