@@ -53,13 +53,12 @@ def test_1_2_5_buckets():
 
 def test_step_engine_families_prefix_cache_from_the_scheduler_and_cache_config_info():
     from gpufleet.sim.metrics import ITERATION_TOKENS_BUCKETS
-    from gpufleet.sim.scheduler import CacheStats
+    from gpufleet.sim.scheduler import SchedulerStats
 
-    stats = CacheStats(queries=1000, hits=640)
+    stats = SchedulerStats(queries=1000, hits=640, preemptions=1)
     metrics = SimMetrics("m", 4096, running=lambda: 0, waiting=lambda: 0, kv_usage=lambda: 0, cache_stats=stats,
                          cache_info={"block_size": 16, "num_gpu_blocks": 4096, "enable_prefix_caching": True})
     metrics.iteration_tokens.observe(300)
-    metrics.num_preemptions.inc()
     found = families(metrics)
     value = {s.name: s.value for f in found.values() for s in f.samples if not s.labels.get("le")}
     assert value["vllm:prefix_cache_queries_total"] == 1000 and value["vllm:prefix_cache_hits_total"] == 640

@@ -98,7 +98,6 @@ class Engine:
         self._rng = random.Random(seed)
         self._task: asyncio.Task | None = None
         self._wake: asyncio.Future | None = None
-        self.steps = 0
         self.metrics = metrics_factory(
             running=lambda: len(self.scheduler.running), waiting=lambda: len(self.scheduler.waiting),
             kv_usage=self.pool.usage, cache_stats=self.scheduler.stats,
@@ -173,8 +172,6 @@ class Engine:
                 for seq in batch.admitted:
                     if seq.scheduled is None:
                         seq.scheduled = now
-                if batch.preempted:
-                    self.metrics.num_preemptions.inc(len(batch.preempted))
                 if batch.tokens == 0:
                     clock = None
                     await self._idle(loop, batch.next_ready)
@@ -202,7 +199,6 @@ class Engine:
 
     def _complete(self, batch: Batch, now: float) -> None:
         """The step is over: every sequence in it that completed a prefill or decoded gets its token."""
-        self.steps += 1
         metrics = self.metrics
         metrics.iteration_tokens.observe(batch.tokens)
         produced = 0

@@ -83,7 +83,7 @@ class SimMetrics:
                  waiting: Callable[[], float], kv_usage: Callable[[], float], cache_stats=None,
                  cache_info: dict | None = None):
         self._labels = [model_name, "0"]
-        # the scheduler's prefix-cache counters (queries and hits in tokens), read at scrape time
+        # the scheduler's counters (prefix-cache queries and hits in tokens, preemptions), read at scrape time
         self._cache_stats = cache_stats
         # vllm:cache_config_info: an info-style gauge set to 1, labelled with the cache settings
         # (vLLM labels it with every CacheConfig field and ``engine``; here, those that are simulated)
@@ -98,7 +98,6 @@ class SimMetrics:
         ]
         self.prompt_tokens = Count()
         self.generation_tokens = Count()
-        self.num_preemptions = Count()
         self.prompt_tokens_cached = Count()
         self.success = {reason: Count() for reason in FINISH_REASONS}
         token_buckets = build_1_2_5_buckets(max_model_len)
@@ -151,7 +150,7 @@ class SimMetrics:
                 ("vllm:prompt_tokens", "Number of prefill tokens processed.", self.prompt_tokens.value),
                 ("vllm:generation_tokens", "Number of generation tokens processed.", self.generation_tokens.value),
                 ("vllm:num_preemptions", "Cumulative number of preemption from the engine.",
-                 self.num_preemptions.value),
+                 stats.preemptions if stats is not None else 0),
                 ("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",
                  stats.queries if stats is not None else 0),
                 ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",

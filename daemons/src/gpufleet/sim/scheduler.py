@@ -62,9 +62,10 @@ class Batch:
 
 
 @dataclass
-class CacheStats:
-    """vLLM's prefix-cache counters: tokens queried and hit at admission (requests that were
-    preempted before are left out, as vLLM 0.32 does)."""
+class SchedulerStats:
+    """What vLLM's metrics count from the scheduler: prefix-cache tokens queried and hit at
+    admission (requests that were preempted before are left out, as vLLM 0.32 does) and
+    preemptions."""
     queries: int = 0
     hits: int = 0
     preemptions: int = 0
@@ -86,7 +87,7 @@ class StepScheduler:
         self.enable_prefix_caching = enable_prefix_caching
         self.running: list[Sequence] = []
         self.waiting: collections.deque[Sequence] = collections.deque()
-        self.stats = CacheStats()
+        self.stats = SchedulerStats()
 
     # --- membership -----------------------------------------------------------------------
 
