@@ -55,6 +55,7 @@ def test_step_engine_defaults_keep_the_old_knobs_meaning():
     assert (o.step_ms, o.step_ms_per_token, o.max_num_batched_tokens, o.block_size) == (8, 0.02, 8192, 16)
     assert (o.kv_cache_tokens, o.enable_prefix_caching, o.time_scale, o.stream_interval) == (65536, True, 1, 1)
     assert o.profile is None
+    assert parse_args(["m", "--max-model-len", "200000"]).kv_cache_tokens == 200000   # the default fits one request
     # --itl-ms and --prefill-ms-per-token are the older names of the step costs
     old = parse_args(["m", "--itl-ms", "5", "--prefill-ms-per-token", "0.1"])
     assert (old.step_ms, old.step_ms_per_token) == (5, 0.1)

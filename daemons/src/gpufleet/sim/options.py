@@ -108,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=_number(int, 16, what="a whole number"), default=4096,
                    help="context length: prompt + max_tokens beyond it is refused with 400")
     p.add_argument("--kv-cache-tokens", type=_number(int, 1, what="a whole number"), default=None,
-                   help="KV-cache capacity in tokens (default 65536): blocks of --block-size, shared by "
-                        "running sequences and the prefix cache")
+                   help="KV-cache capacity in tokens (default 65536, or --max-model-len if larger): blocks of "
+                        "--block-size, shared by running sequences and the prefix cache")
     p.add_argument("--block-size", type=_number(int, 1, 1024, "a whole number"), default=16,
                    help="tokens per KV block, the unit of prefix caching (default 16, as vLLM)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
@@ -178,6 +178,8 @@ def parse_args(argv: list[str] | None = None) -> SimOptions:
         return _first(*explicit, profile.get(name), DEFAULTS[name])
 
     kv_cache_tokens = pick("kv_cache_tokens", a.kv_cache_tokens)
+    if a.kv_cache_tokens is None:
+        kv_cache_tokens = max(kv_cache_tokens, a.max_model_len)   # a default always fits one full request
     if kv_cache_tokens < a.max_model_len:
         parser.error(f"--kv-cache-tokens {kv_cache_tokens} is smaller than --max-model-len {a.max_model_len}: "
                      "a request of the full context could never be admitted (vLLM refuses to start too); "
