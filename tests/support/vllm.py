@@ -4,6 +4,14 @@ and the machine-wide lock that keeps at most one test session's servers running.
 
 A server takes ~2.9 GB and a core for ~25 s to start, so the fixtures start one or two
 per session and share them; see tests/vllm/README.md.
+
+Every test server runs on one CPU (``vllm_cpus()``). vLLM's CPU build already gives its
+worker a single OpenMP thread (``VLLM_CPU_OMP_THREADS_BIND=auto`` sets the worker's
+``OMP_NUM_THREADS`` itself, bound to the first allowed CPU) and leaves the other CPUs
+"reserved" for its engine core, whose scheduling loop is busy too: under four streams one
+server took both cores of a 2-core machine (worker 91-99 %, engine core 52-83 %, API server
+~20 %) and the agent, PostgreSQL and control plane tested with it starved (PostgreSQL
+connection time-outs). Confined to one CPU, vLLM is slower and the rest keeps a core.
 """
 
 from __future__ import annotations
@@ -30,6 +38,13 @@ SERVED_NAME = "tiny"
 MAX_MODEL_LEN = 4096
 MAX_NUM_SEQS = 2
 START_TIMEOUT_S = 240
+CPUS_ENV = "GPUFLEET_TEST_VLLM_CPUS"
+
+
+def vllm_cpus() -> str:
+    """The CPUs (a ``taskset --cpu-list``) all the test vLLM servers share:
+    ``$GPUFLEET_TEST_VLLM_CPUS`` if set, else one, the last this process may use."""
+    return os.environ.get(CPUS_ENV) or str(max(os.sched_getaffinity(0)))
 
 
 @functools.lru_cache(maxsize=1)
@@ -144,7 +159,9 @@ class VllmServer:
 
     def start(self) -> VllmServer:
         self.generation += 1
-        self.daemon = Daemon(f"vllm-{self.name}-{self.generation}", self.argv(), self.env())
+        # taskset execs vLLM (same pid); its processes inherit the CPU set
+        self.daemon = Daemon(f"vllm-{self.name}-{self.generation}",
+                             ["taskset", "--cpu-list", vllm_cpus(), *self.argv()], self.env())
         self.started_at = time.monotonic()
         self.startup_s = None
         self.loading_answers = set()
