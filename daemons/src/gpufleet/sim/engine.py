@@ -30,6 +30,11 @@ log = logging.getLogger("gpufleet.sim")
 # a stream (the tokens produced since the last call, merged).
 Emit = Callable[[str, "str | None", "str | None", int], Awaitable[None]]
 
+# With every cost at zero, up to this many steps run between two turns of the event loop (a
+# turn costs an epoll call; steps of no duration need not give way each time, unless a
+# handler was woken: a stream's tokens are written between steps, as they would be).
+INSTANT_STEPS_PER_TURN = 32
+
 # Steps run on a timeline (each starts when the previous one should have ended), so the
 # event loop's timer overshoot does not accumulate; a lag beyond this is forgiven instead
 # of being caught up with a burst of instant steps.
@@ -98,6 +103,8 @@ class Engine:
         self._rng = random.Random(seed)
         self._task: asyncio.Task | None = None
         self._wake: asyncio.Future | None = None
+        self._previous_step_end = -1.0
+        self._woke = False           # a handler was woken by the last step
         self.metrics = metrics_factory(
             running=lambda: len(self.scheduler.running), waiting=lambda: len(self.scheduler.waiting),
             kv_usage=self.pool.usage, cache_stats=self.scheduler.stats,
@@ -165,6 +172,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         scheduler, cost, rng = self.scheduler, self.cost, self._rng
         clock: float | None = None   # when the previous step should have ended, if steps run back to back
+        instant = 0                  # zero-duration steps since the event loop last had a turn
         while True:
             try:
                 now = time.monotonic()
@@ -174,12 +182,18 @@ class Engine:
                         seq.scheduled = now
                 if batch.tokens == 0:
                     clock = None
+                    instant = 0
                     await self._idle(loop, batch.next_ready)
                     continue
                 duration = cost.step(batch.tokens, len(scheduler.running), rng)
-                start = now if clock is None or now - clock > MAX_LAG_S else clock
-                clock = start + duration
-                await asyncio.sleep(max(clock - now, 0.0))
+                if duration > 0 or instant >= INSTANT_STEPS_PER_TURN or self._woke:
+                    start = now if clock is None or now - clock > MAX_LAG_S else clock
+                    clock = start + duration
+                    instant = 0
+                    self._woke = False
+                    await asyncio.sleep(max(clock - now, 0.0))
+                else:
+                    instant += 1
                 self._complete(batch, time.monotonic())
             except asyncio.CancelledError:
                 raise
@@ -208,14 +222,24 @@ class Engine:
                 if seq.num_computed >= seq.target:
                     self._token(seq, now)
                     produced += 1
+        # the sequences that also decoded in the previous step share one inter-token latency:
+        # one histogram update for all of them
+        previous, in_step = self._previous_step_end, 0
         for seq in batch.decodes:
             if seq.state == RUNNING:
                 seq.num_computed += 1
-                self._token(seq, now)
+                if seq.last_token == previous:
+                    in_step += 1
+                    self._token(seq, now, itl_counted=True)
+                else:
+                    self._token(seq, now)
                 produced += 1
+        if in_step:
+            metrics.itl.observe(now - previous, in_step)
+        self._previous_step_end = now
         metrics.generation_tokens.inc(produced)
 
-    def _token(self, seq: Request, now: float) -> None:
+    def _token(self, seq: Request, now: float, itl_counted: bool = False) -> None:
         metrics = self.metrics
         if seq.generated == seq.eos_at:
             piece, finish = "", "stop"   # end of sequence: a token without text
@@ -227,7 +251,7 @@ class Engine:
             metrics.ttft.observe(now - seq.arrival)
             metrics.prompt_tokens.inc(seq.prompt_len)
             metrics.prompt_tokens_cached.inc(seq.cached_tokens)
-        else:
+        elif not itl_counted:
             metrics.itl.observe(now - seq.last_token)
         seq.last_token = now
         stop_reason = None
@@ -249,6 +273,7 @@ class Engine:
             self._end(seq, finish, now)
         elif seq.streaming and (seq.generated == 1 or seq.generated - seq.flushed >= self.stream_interval):
             seq.notify()   # as vLLM: the first token at once, then every stream_interval tokens
+            self._woke = True
         if seq.slow:
             seq.ready_at = now + self.cost.slow_gap(self._rng)
 
@@ -261,3 +286,4 @@ class Engine:
                                       first_token=seq.first_token, finished=now)
         if reason != "abort":
             seq.notify()
+            self._woke = True

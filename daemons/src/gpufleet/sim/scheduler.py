@@ -127,8 +127,9 @@ class StepScheduler:
         block_size, pool = self.block_size, self.pool
         skipped_ready = None
         # 1. decodes, in admission order; a new block may cost the latest-admitted its place
-        for seq in list(self.running):
-            if seq.state != RUNNING or seq.prefilling:
+        running = self.running
+        for seq in list(running) if pool.num_free < len(running) else running:
+            if seq.state != RUNNING or seq.num_computed < seq.target:
                 continue
             if seq.ready_at > now:
                 skipped_ready = seq.ready_at if skipped_ready is None else min(skipped_ready, seq.ready_at)
@@ -150,10 +151,10 @@ class StepScheduler:
             batch.decodes.append(seq)
             budget -= 1
         # 2. running sequences still prefilling (their blocks are reserved), FIFO
-        for seq in self.running:
+        for seq in running:
             if budget == 0:
                 break
-            if not seq.prefilling:
+            if seq.num_computed >= seq.target:
                 continue
             if seq.ready_at > now:
                 skipped_ready = seq.ready_at if skipped_ready is None else min(skipped_ready, seq.ready_at)
