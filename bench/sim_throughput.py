@@ -282,6 +282,7 @@ def saturation(name: str, env, body: str, zero: list[str], args, server_prefix, 
         cpu_before = cpu_seconds(proc.pid)
         result = measure(base + "/v1/completions", body, args, load_prefix)
         result["cpu_s"] = cpu_seconds(proc.pid) - cpu_before
+        result["cpu_us_per_request"] = result["cpu_s"] / max(result["requests_per_s"] * args.duration, 1) * 1e6
         return result
     finally:
         stop(proc)
@@ -326,7 +327,8 @@ def report(results: dict, streaming: dict, args, pinned: bool) -> None:
     for name in ("baseline", "old", "new"):
         r = results[name]
         extra = f"  p50 {r['p50']}" if r.get("p50") else ""
-        print(f"  {name:<10} {r['requests_per_s']:>9.0f} req/s  errors {r['errors']}{extra}")
+        print(f"  {name:<10} {r['requests_per_s']:>9.0f} req/s  CPU {r['cpu_us_per_request']:6.0f} us/request  "
+              f"errors {r['errors']}{extra}")
     print(f"  new / bare aiohttp = {sat_ratio:.2f}   new / old = {old_ratio:.2f}")
     print(f"streaming: {args.streams} concurrent streams of {args.stream_tokens} tokens, {args.duration:g} s:")
     for label in dict.fromkeys(label for label, _ in streaming):
