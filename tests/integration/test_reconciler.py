@@ -230,9 +230,7 @@ def test_two_reconcilers_one_leads_and_the_other_takes_over(fleet):
 
 def test_scaling_loop_decides_stores_actuates_and_drains_the_least_loaded(fleet, tmp_path):
     calls = tmp_path / "calls.jsonl"
-    script = tmp_path / "actuate.sh"
-    script.write_text(f'#!/bin/sh\n{{ cat; echo; }} >> {calls}\n')
-    script.chmod(0o755)
+    script = _shell_script(tmp_path / "actuate.sh", f"{{ cat; echo; }} >> {calls}")
     busy, idle = fleet.agent("w1", queue_depth=1), fleet.agent("w2", queue_depth=0)
     busy.beating.set()
     idle.beating.set()
@@ -272,6 +270,19 @@ SCALE_DOWN_AT_ONCE = dict(GPUFLEET_SCALING_ENABLED="true", GPUFLEET_SCALING_INTE
                           GPUFLEET_SCALING_FAILURE_BACKOFF_S="300")
 
 
+def _shell_script(path, body: str):
+    """An executable ``#!/bin/sh`` script at ``path`` (an actuation command)."""
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+    return path
+
+
+def _scale_down_by_command(script, drain_timeout_s: int) -> dict:
+    """SCALE_DOWN_AT_ONCE, actuated by running ``script``."""
+    return dict(**SCALE_DOWN_AT_ONCE, GPUFLEET_SCALING_ACTUATOR="command", GPUFLEET_SCALING_COMMAND=str(script),
+                GPUFLEET_SCALING_DRAIN_TIMEOUT_S=str(drain_timeout_s))
+
+
 def _two_quiet_workers(fleet):
     for worker in ("w1", "w2"):
         fleet.agent(worker, queue_depth=0).beating.set()
@@ -305,12 +316,9 @@ def test_the_log_actuator_is_advisory_everywhere(fleet):
 
 def test_a_reconciler_stopped_mid_actuation_kills_its_command_and_records_why(fleet, tmp_path):
     pid_file = tmp_path / "pid"
-    script = tmp_path / "hang.sh"
-    script.write_text(f"#!/bin/sh\necho $$ > {pid_file}\nexec sleep 300\n")
-    script.chmod(0o755)
+    script = _shell_script(tmp_path / "hang.sh", f"echo $$ > {pid_file}\nexec sleep 300")
     _two_quiet_workers(fleet)
-    reconciler = fleet.reconciler(**SCALE_DOWN_AT_ONCE, GPUFLEET_SCALING_ACTUATOR="command",
-                                  GPUFLEET_SCALING_COMMAND=str(script), GPUFLEET_SCALING_DRAIN_TIMEOUT_S="0")
+    reconciler = fleet.reconciler(**_scale_down_by_command(script, drain_timeout_s=0))
     wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), timeout=30, what="the command")
     pid = int(pid_file.read_text())
     assert reconciler.stop() == 0  # SIGTERM
@@ -325,13 +333,10 @@ def test_a_reconciler_stopped_mid_actuation_kills_its_command_and_records_why(fl
 
 def test_a_new_leader_resumes_a_drain_wait_and_actuates_it_once(fleet, tmp_path):
     calls = tmp_path / "calls"
-    script = tmp_path / "scale.sh"
-    script.write_text(f"#!/bin/sh\necho \"$GPUFLEET_SCALE_DECISION_ID\" >> {calls}\n")
-    script.chmod(0o755)
+    script = _shell_script(tmp_path / "scale.sh", f'echo "$GPUFLEET_SCALE_DECISION_ID" >> {calls}')
     _two_quiet_workers(fleet)
     # the stub agents have no /info, so the wait lasts until the drain deadline
-    settings = dict(**SCALE_DOWN_AT_ONCE, GPUFLEET_SCALING_ACTUATOR="command", GPUFLEET_SCALING_COMMAND=str(script),
-                    GPUFLEET_SCALING_DRAIN_TIMEOUT_S="6")
+    settings = _scale_down_by_command(script, drain_timeout_s=6)
     first = fleet.reconciler("reconciler-1", **settings)
     wait_until(lambda: _decision(fleet), timeout=20, what="the scale-down")
     first.kill9()

@@ -276,18 +276,25 @@ def breakers_opened(suite, worker_ids) -> float:
                for w in worker_ids)
 
 
+def all_bursts_served(suite, model: str, worker_ids: list[str], quiet_s: float) -> None:
+    """Once the workers answer: the bursts with ``quiet_s`` lulls all get 200, no breaker
+    opens, and the router's in-flight gauge settles back."""
+    wait_until(lambda: suite.patient.chat(model=model).status_code == 200, timeout=10,
+               what=f"the burst workers {worker_ids}")
+    gauge = suite.inflight(suite.patient)
+    results = burst_load(suite, model, worker_ids, quiet_s=quiet_s)
+    assert results.count(200) == 130, [r for r in results if r != 200][:5]
+    assert breakers_opened(suite, worker_ids) == 0
+    suite.settled(gauge, suite.patient)
+
+
 def test_bursts_against_workers_closing_idle_connections_after_1s(suite, module_daemons):
     model = "burst-model"
     ids = [f"burst{i}" for i in range(3)]
     for wid in ids:
         worker = HostileWorker(module_daemons, wid, "--idle-close-ms", "1000", "--delay-ms", "150", model=model)
         suite.fleet.publisher.publish_worker(wid, model, worker.url)
-    wait_until(lambda: suite.patient.chat(model=model).status_code == 200, timeout=10, what="the burst workers")
-    gauge = suite.inflight(suite.patient)
-    results = burst_load(suite, model, ids, quiet_s=3)
-    assert results.count(200) == 130, [r for r in results if r != 200][:5]
-    assert breakers_opened(suite, ids) == 0
-    suite.settled(gauge, suite.patient)
+    all_bursts_served(suite, model, ids, quiet_s=3)
 
 
 def test_bursts_against_simulators_with_vllms_5s_keep_alive(suite):
@@ -295,12 +302,7 @@ def test_bursts_against_simulators_with_vllms_5s_keep_alive(suite):
     ids = [f"simburst{i}" for i in range(2)]
     for wid in ids:
         suite.fleet.sim(wid, "--keep-alive-timeout", "5", model=model)
-    wait_until(lambda: suite.patient.chat(model=model).status_code == 200, timeout=10, what="the burst sims")
-    gauge = suite.inflight(suite.patient)
-    results = burst_load(suite, model, ids, quiet_s=6)
-    assert results.count(200) == 130, [r for r in results if r != 200][:5]
-    assert breakers_opened(suite, ids) == 0
-    suite.settled(gauge, suite.patient)
+    all_bursts_served(suite, model, ids, quiet_s=6)
 
 
 # -- clients that go away ---------------------------------------------------------------------
