@@ -14,6 +14,7 @@ import pytest
 import requests
 
 from gpufleet.controlplane.testing import ADMIN_TOKEN, cp_env, start_control_plane, start_reconciler
+from support.hostile_worker import HostileWorker
 from support.procs import wait_until
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -82,14 +83,18 @@ def fleet(daemons, database_url, redis_url, redis_server, tmp_path):
         def reconciler(self, name="reconciler", **overrides):
             return start_reconciler(daemons, {**env, **{k: str(v) for k, v in overrides.items()}}, name=name)
 
-        def agent(self, instance_id, **kw):
-            port = daemons.port()
+        def agent(self, instance_id, agent_url=None, **kw):
+            """An agent whose /readyz is a stub answering ``Agent.readyz`` (or the server at
+            ``agent_url``, which then answers for the agent)."""
             state = tmp_path / f"{instance_id}.readyz"
             state.write_text("200")
-            stub = daemons.start(f"readyz-{instance_id}", [sys.executable, "-m", "gpufleet.controlplane.testing",
-                                                           "readyz-stub", str(port), str(state)])
-            daemons.wait_http(f"http://127.0.0.1:{port}/readyz", proc=stub)
-            agent = Agent(cp_url, instance_id, f"http://127.0.0.1:{port}", state, **kw)
+            if agent_url is None:
+                port = daemons.port()
+                stub = daemons.start(f"readyz-{instance_id}", [sys.executable, "-m", "gpufleet.controlplane.testing",
+                                                               "readyz-stub", str(port), str(state)])
+                daemons.wait_http(f"http://127.0.0.1:{port}/readyz", proc=stub)
+                agent_url = f"http://127.0.0.1:{port}"
+            agent = Agent(cp_url, instance_id, agent_url, state, **kw)
             agents.append(agent)
             return agent
 
@@ -283,9 +288,9 @@ def _scale_down_by_command(script, drain_timeout_s: int) -> dict:
                 GPUFLEET_SCALING_DRAIN_TIMEOUT_S=str(drain_timeout_s))
 
 
-def _two_quiet_workers(fleet):
-    for worker in ("w1", "w2"):
-        fleet.agent(worker, queue_depth=0).beating.set()
+def _two_quiet_workers(fleet, w1_agent_url=None):
+    fleet.agent("w1", agent_url=w1_agent_url, queue_depth=0).beating.set()
+    fleet.agent("w2", queue_depth=0).beating.set()
     settler = fleet.reconciler("reconciler-settle")  # makes them routable, then leaves
     wait_until(lambda: fleet.ready() == {"w1", "w2"}, timeout=20, what="both ready")
     assert settler.stop() == 0
@@ -348,3 +353,27 @@ def test_a_new_leader_resumes_a_drain_wait_and_actuates_it_once(fleet, tmp_path)
     assert outcome == "ok" and owner.endswith(f":{second.pid}")
     assert calls.read_text().split() == [str(decision_id)]
     assert fleet.sql("SELECT desired_status FROM workers WHERE worker_id = %s", (drain,)) == [("draining",)]
+
+
+def test_a_drained_agent_dripping_its_info_cannot_hold_the_scale_down_past_its_deadline(fleet, daemons, tmp_path):
+    # w1's agent answers /readyz at once but /info a byte every 0.5 s (a minute for the whole
+    # answer), each byte well within the per-read timeout: only an overall deadline per call,
+    # bounded by the drain's own deadline, keeps the wait to drain_timeout_s
+    dripping = HostileWorker(daemons, "w1-agent", "--mode", "drip")
+    calls = tmp_path / "calls"
+    script = _shell_script(tmp_path / "scale.sh", f"date +%s.%N >> {calls}")
+    _two_quiet_workers(fleet, w1_agent_url=dripping.url)
+    drain_s, probe_s = 2, 1
+    fleet.reconciler(**_scale_down_by_command(script, drain_timeout_s=drain_s), GPUFLEET_PROBE_TIMEOUT_S=probe_s)
+    wait_until(lambda: _decision(fleet), timeout=20, what="the scale-down")
+    [(decision_id, _, _, _, _, drain)] = _decision(fleet)
+    assert drain == "w1"
+    wait_until(lambda: calls.exists() and calls.read_text().strip(), timeout=drain_s + probe_s + 15,
+               what="the actuation after the drain deadline")
+    [(decided_at,)] = fleet.sql("SELECT extract(epoch FROM decided_at)::float8 FROM scaling_decisions "
+                                "WHERE decision_id = %s", (decision_id,))
+    late_s = float(calls.read_text().split()[0]) - decided_at
+    # the drain deadline, at most one /info call's share past it, and a loaded machine's slack
+    assert drain_s <= late_s < drain_s + probe_s + 3, late_s
+    wait_until(lambda: _decision(fleet)[0][1] == "done", timeout=10, what="the scale-down recorded")
+    assert _decision(fleet)[0][2] == "ok"

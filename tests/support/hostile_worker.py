@@ -46,6 +46,7 @@ MODES = (
     "chunk_underscore",      # chunked, a chunk size of 1_0 (int(..., 16) accepts it)
     "connection_listed",     # a correct answer whose Connection header names X-Hop-Secret
     "trickle",               # a correct answer sent a few bytes at a time over about a second
+    "drip",                  # a correct answer one byte every DRIP_S: each read is quick, the whole takes minutes
     "reset_mid_body",        # half the announced body, then a TCP reset
     "huge",                  # a 300 MiB non-streamed answer, generated as it is sent
     "hang",                  # read the request, never answer (until the client goes away)
@@ -54,6 +55,7 @@ MODES = (
     "error_500",             # a 500 with an OpenAI error body
 )
 HUGE_BYTES = 300 * 1024 * 1024
+DRIP_S = 0.5
 _MODE_IN_BODY = re.compile(rb"hostile:([a-z0-9_]+)")
 _MAX_HEAD = 65536
 
@@ -232,7 +234,12 @@ class Handler(socketserver.BaseRequestHandler):
             if path.startswith("/hostile/"):
                 self._send(self._control(method, path, body))
                 return
-            if method == "GET":
+            if method == "GET" and path == "/info":
+                try:
+                    self._agent_info()
+                except ClientGone:
+                    return
+            elif method == "GET":
                 self._send(self._get(path))
             else:
                 keep = self._inference(path, headers, body)
@@ -243,12 +250,29 @@ class Handler(socketserver.BaseRequestHandler):
             idle = self.state.idle_close_ms / 1000.0
 
     def _get(self, path: str) -> bytes:
-        if path == "/health":
+        if path in ("/health", "/readyz"):  # vLLM's health, and an agent's readiness (as its agent_url)
             return _head("200 OK", [("Content-Length", "0")])
         if path == "/v1/models":
             return _json_answer("200 OK", {"object": "list", "data": [
                 {"id": self.state.model, "object": "model", "created": 0, "owned_by": "hostile"}]})
         return _error(404, f"no route {path}")
+
+    def _agent_info(self) -> None:
+        """``GET /info`` as an agent that has drained (nothing in flight), in the default
+        mode: ``drip`` and ``hang`` as for inference, at once otherwise."""
+        answer = _json_answer("200 OK", {"draining": True, "inflight": 0})
+        if self.state.mode == "drip":
+            self._drip(answer)
+        elif self.state.mode == "hang":
+            while not self._client_closed(1.0):
+                pass
+        else:
+            self._send(answer)
+
+    def _drip(self, data: bytes) -> None:
+        for i in range(len(data)):
+            self._send(data[i:i + 1])
+            time.sleep(DRIP_S)
 
     def _control(self, method: str, path: str, body: bytes) -> bytes:
         st = self.state
@@ -315,6 +339,9 @@ class Handler(socketserver.BaseRequestHandler):
             for i in range(0, len(data), step):
                 self._send(data[i:i + step])
                 time.sleep(0.025)
+            return True
+        if mode == "drip":
+            self._drip(self._ok(path, model, stream, usage, n))
             return True
         if mode == "many_headers":
             filler = [(f"X-Filler-{i}", "x") for i in range(250)]

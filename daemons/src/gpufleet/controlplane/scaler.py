@@ -19,18 +19,19 @@ deadline, then killed and marked failed — never started a second time.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import json
 import logging
 import socket
 import threading
 import time
 from dataclasses import replace
 
+import aiohttp
 import psycopg2
 import psycopg2.errors
-import urllib3
 
+from gpufleet.common import jsonlimits
 from gpufleet.controlplane import scaling_store as sql
 from gpufleet.controlplane import store
 from gpufleet.controlplane.actuators import Outcome, actuate, group_alive, kill_group
@@ -43,14 +44,45 @@ log = logging.getLogger("gpufleet.scaling")
 _INFO_MAX_BYTES = 64 * 1024
 
 
+async def _get_info(url: str, timeout_s: float) -> tuple[int, bytes]:
+    """``GET url``: its status and at most ``_INFO_MAX_BYTES`` + 1 bytes of its body."""
+    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s),
+                                    connector=aiohttp.TCPConnector(force_close=True), auto_decompress=False,
+                                    max_line_size=8190, max_field_size=8190)
+    async with session, session.get(url, allow_redirects=False) as resp:
+        body = b""
+        while len(body) <= _INFO_MAX_BYTES:
+            piece = await resp.content.read(_INFO_MAX_BYTES + 1 - len(body))
+            if not piece:
+                break
+            body += piece
+        return resp.status, body
+
+
+def read_info(agent_url: str, timeout_s: float) -> tuple[bool, int | None]:
+    """(draining, in-flight count) from the agent's ``/info``, or (False, None) when it is
+    unreadable. Workers are untrusted: ``timeout_s`` bounds the whole call (connect,
+    headers, body), so an agent trickling its answer a byte at a time, each within any
+    per-read timeout, is cut at it; whatever it sends costs only this call."""
+    try:
+        status, body = asyncio.run(asyncio.wait_for(_get_info(agent_url.rstrip("/") + "/info", timeout_s),
+                                                    timeout_s))
+        data = jsonlimits.loads(body) if status == 200 and len(body) <= _INFO_MAX_BYTES else None
+    except Exception as exc:  # noqa: BLE001 - a timeout, a refused or malformed answer: unreadable
+        log.debug("scaling: %s/info unreadable: %s: %s", agent_url, type(exc).__name__, exc)
+        return False, None
+    if not isinstance(data, dict) or not isinstance(data.get("inflight"), int) or data["inflight"] < 0:
+        return False, None
+    return data.get("draining") is True, data["inflight"]
+
+
 class Scaler:
     def __init__(self, settings: ScalingSettings, db, publisher, stale_after_s: float | None = None, *,
-                 http: urllib3.PoolManager | None = None, probe_timeout_s: float = 2.0, me: str = "reconciler"):
+                 probe_timeout_s: float = 2.0, me: str = "reconciler"):
         self.settings = settings
         self.db = db
         self.publisher = publisher
         self.stale_after_s = stale_after_s if stale_after_s is not None else publisher.heartbeat_interval_s * 3
-        self.http = http or urllib3.PoolManager(retries=False)
         self.probe_timeout_s = probe_timeout_s
         self.me = me
         self.poll_s = min(1.0, max(0.1, settings.interval_s))
@@ -250,7 +282,9 @@ class Scaler:
             sql.set_command_pgid(cur, decision_id, pgid)
 
     def _wait_idle(self, row) -> str | None:
-        """Wait until the drained worker's agent says it drains with nothing in flight.
+        """Wait until the drained worker's agent says it drains with nothing in flight, at
+        most until the drain's deadline: each ``/info`` call is bounded by the probe timeout
+        and by the time left, so a slow agent cannot hold the wait past it.
         Returns "" to go on, a reason to cancel, or None when this reconciler stopped."""
         worker_id, decision_id = row["drain_worker_id"], row["decision_id"]
         deadline = time.monotonic() + max(0.0, row["deadline_in_s"] or 0.0)
@@ -262,37 +296,21 @@ class Scaler:
                 return ""  # gone already: nothing left in flight there
             if worker["desired_status"] != "draining":
                 return f"cancelled: worker {worker_id} was returned to service while draining"
-            draining, inflight = self._read_info(worker["agent_url"])
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("scaling %s: drain of %s ran over %gs (%s in flight); actuating anyway",
+                            row["model_id"], worker_id, self.settings.drain_timeout_s,
+                            "unknown" if last is None else last)
+                return ""
+            draining, inflight = read_info(worker["agent_url"], min(self.probe_timeout_s, left))
             if inflight != last:
                 with self.db.cursor() as cur:
                     sql.set_drain_inflight(cur, decision_id, inflight)
                 last = inflight
             if draining and inflight == 0:
                 return ""
-            if time.monotonic() >= deadline:
-                log.warning("scaling %s: drain of %s ran over %gs (%s in flight); actuating anyway",
-                            row["model_id"], worker_id, self.settings.drain_timeout_s,
-                            "unknown" if inflight is None else inflight)
-                return ""
-            self._stopping.wait(self.poll_s)
+            self._stopping.wait(min(self.poll_s, max(0.0, deadline - time.monotonic())))
         return None
-
-    def _read_info(self, agent_url: str) -> tuple[bool, int | None]:
-        """(draining, in-flight count) from the agent's /info; (False, None) if unreadable."""
-        try:
-            resp = self.http.request("GET", agent_url.rstrip("/") + "/info", preload_content=False,
-                                     redirect=False, timeout=urllib3.Timeout(connect=self.probe_timeout_s,
-                                                                             read=self.probe_timeout_s))
-            try:
-                body = resp.read(_INFO_MAX_BYTES + 1)
-            finally:
-                resp.release_conn()
-            data = json.loads(body) if resp.status == 200 and len(body) <= _INFO_MAX_BYTES else None
-        except (urllib3.exceptions.HTTPError, ValueError):
-            return False, None
-        if not isinstance(data, dict) or not isinstance(data.get("inflight"), int) or data["inflight"] < 0:
-            return False, None
-        return data.get("draining") is True, data["inflight"]
 
     def _settle_orphan(self, row) -> None:
         """An actuation started by a reconciler that no longer runs it: wait while its
