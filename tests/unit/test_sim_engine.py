@@ -171,3 +171,21 @@ def test_waiting_request_cancelled_leaves_the_queue_as_abort():
 
     run(scenario())
     assert sample(eng, "vllm:request_success_total", finished_reason="abort") == 2
+
+
+def test_next_turn_of_a_conversation_hits_the_previous_prompt_and_answer():
+    from gpufleet.sim.protocol import parse_chat
+
+    eng = engine(kv_cache_tokens=8192)
+    chat_limits = Limits(("m",), 4096, None)
+    turn1 = [{"role": "system", "content": "You help with bicycles. " * 20}, {"role": "user", "content": "Hi"}]
+    first = parse_chat({"messages": turn1, "max_tokens": 60, "ignore_eos": True}, chat_limits)
+    answer = run(eng.run(first)).text
+    turn2 = turn1 + [{"role": "assistant", "content": answer}, {"role": "user", "content": "And a helmet?"}]
+    second = parse_chat({"messages": turn2, "max_tokens": 2}, chat_limits)
+    run(eng.run(second))
+    hits = sample(eng, "vllm:prefix_cache_hits_total")
+    # the whole previous prompt and most of its answer (its full blocks), not just the prompt
+    answer_tokens = len(textgen.tokenize(answer))
+    assert hits > first.prompt_tokens
+    assert hits >= (first.prompt_tokens + min(answer_tokens, 59)) // 16 * 16 - 16, (hits, first.prompt_tokens)

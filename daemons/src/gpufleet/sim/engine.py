@@ -278,6 +278,8 @@ class Engine:
             seq.ready_at = now + self.cost.slow_gap(self._rng)
 
     def _end(self, seq: Request, reason: str, now: float) -> None:
+        if reason != "abort":
+            self.scheduler.cache_output(seq, textgen.tokenize(seq.text()))
         self.scheduler.finish(seq)
         seq.finish = reason
         scheduled = seq.scheduled if seq.scheduled is not None else now

@@ -20,10 +20,10 @@ from collections.abc import Sequence
 ROOT_HASH = b"gpufleet-sim-kv-root"
 
 
-def block_hashes(tokens: Sequence[str], block_size: int) -> list[bytes]:
-    """The chained hashes of the full blocks of ``tokens`` (a partial last block has none)."""
+def block_hashes(tokens: Sequence[str], block_size: int, parent: bytes = ROOT_HASH) -> list[bytes]:
+    """The chained hashes of the full blocks of ``tokens`` (a partial last block has none),
+    the first one chained to ``parent`` (the hash of the block before them, if any)."""
     hashes: list[bytes] = []
-    parent = ROOT_HASH
     for start in range(0, len(tokens) - block_size + 1, block_size):
         content = "\x1f".join(tokens[start:start + block_size]).encode("utf-8", "surrogatepass")
         parent = hashlib.blake2b(parent + content, digest_size=16).digest()

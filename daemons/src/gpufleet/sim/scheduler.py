@@ -20,7 +20,7 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass, field
 
-from .kvcache import BlockPool, block_hashes
+from .kvcache import ROOT_HASH, BlockPool, block_hashes
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
 
@@ -106,6 +106,23 @@ class StepScheduler:
             except ValueError:
                 pass
         seq.state = FINISHED
+
+    def cache_output(self, seq: Sequence, output_tokens: list[str]) -> None:
+        """Name in the prefix cache the full blocks that hold the answer's KV, as vLLM caches
+        the blocks of generated tokens too: the next turn of a conversation re-sends the
+        answer after this prompt (whose template ends by opening the reply), so it can hit
+        them. ``output_tokens`` is the answer as the next prompt will tokenise it."""
+        if not self.enable_prefix_caching or seq.state != RUNNING or seq.hashes is None:
+            return
+        block_size, known = self.block_size, len(seq.hashes)
+        full = min(seq.num_computed, seq.prompt_len + len(output_tokens)) // block_size
+        full = min(full, len(seq.blocks))
+        if full <= known:
+            return
+        tail = (list(seq.tokens[known * block_size:]) + output_tokens)[:(full - known) * block_size]
+        hashes = block_hashes(tail, block_size, seq.hashes[-1] if known else ROOT_HASH)
+        for index, block_hash in enumerate(hashes, start=known):
+            self.pool.cache(seq.blocks[index], block_hash)
 
     def _preempt(self, victim: Sequence) -> None:
         self.running.remove(victim)
