@@ -105,6 +105,15 @@ def test_the_index_is_bounded_and_expires(link):
     assert not link.client.exists(index)
 
 
+def test_the_largest_prompt_the_settings_allow_is_recorded_and_found(link):
+    router = affinity(link, CacheSettings(max_blocks=4096))
+    prompt = blocks("L", 4096)
+    first, _ = router.acquire(["w1", "w2"], [0.0, 0.0], Profile(70000, 0, prompt))
+    router.leases.release(first)
+    _, matched = router.acquire(["w2", "w1"], [0.0, 0.0], Profile(70000, 0, prompt))
+    assert matched == 4096 and link.client.zcard(KEYS.prefix_index("w1")) == 4096
+
+
 def test_stale_entries_do_not_count_and_a_fresh_copy_does(link):
     router = affinity(link, CacheSettings(max_blocks=50, ttl_s=1))
     prompt = blocks("s", 50)

@@ -225,11 +225,11 @@ if nblocks > 0 then
   local matched = out[best + 2]
   if matched > 0 and last_seen[best] + (matched - 1) > now - 1000 then from = matched + 1 end
   local key = KEYS[3 * best]
-  if from <= nblocks then
+  for start = from, nblocks, 1000 do  -- unpack() takes a few thousand values at most
     local args = {}
-    for j = from, nblocks do
-      args[2 * (j - from) + 1] = now - (j - 1)
-      args[2 * (j - from) + 2] = block(j)
+    for j = start, math.min(nblocks, start + 999) do
+      args[#args + 1] = now - (j - 1)
+      args[#args + 1] = block(j)
     end
     redis.call('ZADD', key, unpack(args))
   end
