@@ -161,6 +161,20 @@ def test_token_leases_release_and_a_killed_routers_leases_expire(link):
                what="every key of an idle worker gone")
 
 
+def test_what_a_process_routed_through_redis_keeps_its_affinity_when_redis_goes(link):
+    router = affinity(link, CacheSettings(max_blocks=20))
+    homes = {}
+    for tag in "pqrs":
+        lease, _ = router.acquire(["a", "b", "c"], [0.0] * 3, Profile(400, 10, blocks(tag, 20)))
+        router.leases.release(lease)
+        homes[tag] = lease.worker_id
+    link.mark_down(ConnectionError("test"))
+    for tag in "pqrs":
+        lease, matched = router.acquire(["c", "b", "a"], [0.0] * 3, Profile(400, 10, blocks(tag, 20)))
+        assert (lease.shared, lease.worker_id, matched) == (False, homes[tag], 20)
+        router.leases.release(lease)
+
+
 def test_redis_down_falls_back_to_the_local_index_and_counts(link):
     router = affinity(link, CacheSettings(max_blocks=20))
     link.mark_down(ConnectionError("test"))

@@ -24,8 +24,9 @@ lease (carrying the tokens of work it stands for) and records the prompt's block
 chosen worker's index: every router process and replica shares the index and the loads,
 and two routers cannot both see the same worker as the cheapest.
 
-While Redis is down, a process-local index (:class:`LocalIndex`) and the local leases
-serve the same rule in-process.
+While Redis is down (or slower than the request path's budget), a process-local index
+(:class:`LocalIndex`, which also records what the process routed while Redis was up) and
+the local leases serve the same rule in-process.
 """
 
 from __future__ import annotations
@@ -280,7 +281,10 @@ class LocalIndex:
             return
         entries = self.workers.setdefault(worker_id, OrderedDict())
         now = self.clock()
-        for block in reversed(blocks):  # the head is the most recently used
+        # as the script does: a prefix refreshed within the second is not rewritten
+        matched = self.matched(worker_id, blocks)
+        start = matched if matched and entries[blocks[matched - 1]] > now - 1.0 else 0
+        for block in reversed(blocks[start:]):  # the head is the most recently used
             entries[block] = now
             entries.move_to_end(block)
         while len(entries) > self.capacity:
@@ -325,6 +329,9 @@ class AffinityRouter:
                 best = int(result[0]) - 1
                 lease = leases.track(Lease(ordered[best], lease_id, True, tokens=int(result[1]),
                                            decode_tokens=profile.decode_tokens))
+                # the process's own copy of what it routed: if Redis goes away (or answers
+                # slower than its budget), the fallback keeps this process's affinities
+                self.local.record(ordered[best], profile.blocks)
                 return lease, int(result[2 + best])
             except (*REDIS_ERRORS, TimeoutError) as exc:
                 leases.abandon(ordered, lease_id, exc)
