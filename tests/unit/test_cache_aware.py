@@ -5,7 +5,9 @@ import json
 
 import pytest
 
+from gpufleet.common.config import ConfigError
 from gpufleet.router.affinity import EMPTY, LocalIndex, block_hashes, profile_of, prompt_text
+from gpufleet.router.config import RouterConfig
 from gpufleet.router.policies import CacheAwareParams, CacheSettings, cache_aware_pick, reported_load
 
 P = CacheAwareParams(block_tokens=16, overload_factor=1.25, overload_slack=2.0)
@@ -201,3 +203,21 @@ def test_local_index_expires_and_evicts_the_least_recently_used():
     assert index.matched("w", old) == 2
     clock.now += 61
     assert index.matched("w", new) == 0
+
+
+# -- the knobs ---------------------------------------------------------------------------------------
+
+def test_the_knobs_are_read_and_checked():
+    base = {"GPUFLEET_REDIS_URL": "redis://h:1/0", "GPUFLEET_ROUTER_POLICY": "cache-aware"}
+    cfg = RouterConfig.from_env({**base, "GPUFLEET_ROUTER_CACHE_BLOCK_TOKENS": "32",
+                                 "GPUFLEET_ROUTER_CACHE_OVERLOAD_SLACK": "2.5",
+                                 "GPUFLEET_ROUTER_CACHE_CAPACITY_BLOCKS": "3072"})
+    assert cfg.policy == "cache_aware"
+    assert (cfg.cache.params.block_tokens, cfg.cache.params.overload_slack, cfg.cache.capacity_blocks) == \
+        (32, 2.5, 3072)
+    assert cfg.cache.block_chars == 128
+    assert RouterConfig.from_env(base).cache == CacheSettings()
+    for name, value in (("GPUFLEET_ROUTER_CACHE_OVERLOAD_FACTOR", "0.5"), ("GPUFLEET_ROUTER_CACHE_MAX_BLOCKS", "0"),
+                        ("GPUFLEET_ROUTER_CACHE_TTL_S", "nan"), ("GPUFLEET_ROUTER_CACHE_CHARS_PER_TOKEN", "x")):
+        with pytest.raises(ConfigError, match=name):
+            RouterConfig.from_env({**base, name: value})

@@ -40,7 +40,7 @@ class CacheAwareParams(NamedTuple):
 
     block_tokens: int = 16          # prompt tokens per block of the prefix index
     overload_factor: float = 1.25   # 1 + ε: outstanding requests over factor × mean + slack…
-    overload_slack: float = 8.0     # …(c, in requests) lose the affinity
+    overload_slack: float = 4.0     # …(c, in requests) lose the affinity
     queue_tokens: float = 256.0     # load of one request the worker reports waiting
     kv_tokens: float = 1024.0       # load of a full KV cache (× kv_cache_usage 0–1)
 
@@ -52,7 +52,7 @@ class CacheSettings(NamedTuple):
     max_blocks: int = 256          # blocks of a prompt looked at (≈ 4,096 tokens)
     capacity_blocks: int = 16384   # index entries kept per worker (≈ 262k tokens of KV cache)
     ttl_s: float = 600.0           # an index entry unused this long no longer counts
-    decode_tokens: int = 256       # expected output tokens: max_tokens, at most this
+    decode_tokens: int = 64        # work a request's output counts for: its max_tokens, at most this
     params: CacheAwareParams = CacheAwareParams()
 
     @property
