@@ -255,3 +255,31 @@ def test_keep_alive_timeout_flag(daemons):
         sock.settimeout(5)
         assert sock.recv(1) == b""
         assert time.monotonic() - started < 4
+
+
+def test_render_answers_the_prompt_token_ids_as_vllm(sim):
+    """POST /v1/chat/completions/render (vLLM 0.32; vllm-router's cache_aware asks every
+    worker for it): the templated prompt's token ids, as many as the completion's
+    prompt_tokens, the same for the same text, a shared prefix giving the same leading ids;
+    behind the API key like every /v1 path."""
+    system = {"role": "system", "content": "You are a terse assistant for the fleet. " * 20}
+    body = {"model": "tiny", "messages": [system, {"role": "user", "content": "Hi there"}]}
+    other = {"model": "tiny", "messages": [system, {"role": "user", "content": "Something else entirely"}]}
+    url = sim + "/v1/chat/completions/render"
+    assert requests.post(url, json=body, timeout=10).status_code == 401
+
+    def render(payload):
+        resp = requests.post(url, json=payload, headers=AUTH, timeout=10)
+        assert resp.status_code == 200, resp.text
+        return resp.json()["token_ids"]
+
+    ids = render(body)
+    assert ids == render(body) and all(isinstance(i, int) and 0 <= i < 128_256 for i in ids)
+    usage = requests.post(sim + "/v1/chat/completions", json={**body, "max_tokens": 1}, headers=AUTH,
+                          timeout=10).json()["usage"]
+    assert len(ids) == usage["prompt_tokens"]
+    others = render(other)
+    shared = next(i for i, (a, b) in enumerate(zip(ids, others, strict=False)) if a != b)
+    assert shared > 100 and others != ids  # the system prompt (and the user turn's header) in common
+    assert requests.post(url, json={"model": "nope", "messages": body["messages"]}, headers=AUTH,
+                         timeout=10).status_code == 404

@@ -15,7 +15,7 @@ import time
 
 from aiohttp import web
 
-from . import VLLM_COMPAT_VERSION
+from . import VLLM_COMPAT_VERSION, textgen
 from .engine import Engine
 from .faults import RESET_STREAM_AFTER_CHUNKS, FaultConfig, FaultInjector, validate_update
 from .latency import SLOW_FACTOR, StepCost
@@ -173,6 +173,22 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return await _generate(request, "completion")
 
 
+async def render_chat(request: web.Request) -> web.StreamResponse:
+    """vLLM 0.32's ``POST /v1/chat/completions/render``: the prompt after the chat template as
+    token ids, nothing generated. vllm-router's ``cache_aware`` asks every worker for it and
+    matches prefixes on the ids; without it that policy does not route by prefix at all."""
+    state = request.app[STATE]
+    if state.unauthorized(request):
+        return _unauthorized()
+    if state.loading:
+        return _loading()
+    try:
+        req = parse_chat(parse_body(await request.read()), state.limits)
+    except RequestError as err:
+        return _error_from(err)
+    return web.json_response({"request_id": os.urandom(16).hex(), "token_ids": textgen.token_ids(req.tokens)})
+
+
 async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     arrival = time.monotonic()
     state = request.app[STATE]
@@ -272,6 +288,7 @@ def create_app(options: SimOptions) -> web.Application:
     app.router.add_get("/version", version)
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/chat/completions/render", render_chat)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/metrics", metrics)
     if options.enable_fault_api:

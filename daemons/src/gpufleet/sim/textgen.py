@@ -5,6 +5,7 @@ Nothing here touches a socket or a clock, so every piece is unit-testable.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 
@@ -61,6 +62,33 @@ def chat_prompt_tokens(messages: list[dict]) -> int:
     return total
 
 
+@functools.lru_cache(maxsize=4096)
+def _content_tokens(text: str) -> tuple[str, ...]:
+    """A message's tokens, remembered: a shared system prompt or a re-sent history is
+    tokenised once per process, not once per request."""
+    return tuple(_TOKEN_RE.findall(text))
+
+
+# A stable id per token string, the same in every process (a vocabulary, as a real
+# tokenizer has): what /v1/chat/completions/render answers.
+VOCAB_SIZE = 128_256  # Llama 3's
+_IDS: dict[str, int] = {}
+
+
+def token_ids(tokens: list[str]) -> list[int]:
+    ids = _IDS
+    if len(ids) > 1_000_000:  # unique numbers and names must not grow it without bound
+        ids.clear()
+    out = []
+    for token in tokens:
+        found = ids.get(token)
+        if found is None:
+            digest = hashlib.blake2b(token.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+            found = ids[token] = int.from_bytes(digest, "big") % VOCAB_SIZE
+        out.append(found)
+    return out
+
+
 def chat_template_tokens(messages: list[dict]) -> list[str]:
     """The prompt after a Llama-like chat template, tokenised: per message ``<|start|> role
     <|sep|> content… <|end|>`` (CHAT_TOKENS_PER_MESSAGE), then ``<|start|> assistant <|sep|>``
@@ -69,7 +97,7 @@ def chat_template_tokens(messages: list[dict]) -> list[str]:
     tokens: list[str] = []
     for message in messages:
         tokens += ("<|start|>", str(message.get("role")), "<|sep|>")
-        tokens += _TOKEN_RE.findall(content_text(message.get("content")))
+        tokens += _content_tokens(content_text(message.get("content")))
         tokens.append("<|end|>")
     tokens += ("<|start|>", "assistant", "<|sep|>")
     return tokens
