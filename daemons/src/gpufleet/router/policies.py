@@ -52,7 +52,7 @@ class CacheSettings(NamedTuple):
     max_blocks: int = 256          # blocks of a prompt looked at (≈ 4,096 tokens)
     capacity_blocks: int = 16384   # index entries kept per worker (≈ 262k tokens of KV cache)
     ttl_s: float = 600.0           # an index entry unused this long no longer counts
-    decode_tokens: int = 64        # work a request's output counts for: its max_tokens, at most this
+    decode_tokens: int = 128       # work a request's output counts for: its max_tokens, at most this
     params: CacheAwareParams = CacheAwareParams()
 
     @property
