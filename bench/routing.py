@@ -768,7 +768,9 @@ class Bench:
 # ---------------------------------------------------------------------------------------
 LOADS = {"50%": 0.5, "80%": 0.8, "100%": 1.0, "120%": 1.2}
 # simulated seconds: (schedule length, warm-up excluded from the figures)
-DURATIONS = {"a": (10.0, 3.0), "b": (12.0, 4.0), "c": (10.0, 3.0)}
+# (b)'s warm-up covers a session's life (5-10 turns of ~1 s): before it, sessions are still
+# starting and turns arrive slower than the nominal rate (session rate x 7.5 turns)
+DURATIONS = {"a": (10.0, 3.0), "b": (14.0, 7.0), "c": (10.0, 3.0)}
 # the closed loops (saturation, capacity): length, warm-up, and the clients' ramp: they join
 # over the whole warm-up, so that the cold fleet is not met by one burst of every client's
 # first prompt (256 x 2,000 tokens of prefill is seconds of the whole fleet's compute)
@@ -932,7 +934,7 @@ def main() -> int:
     parser.add_argument("--targets", type=lambda s: [parse_target(x.strip()).name for x in s.split(",")],
                         default=None, help=f"only these targets (default: the plan's); names: {', '.join(ALL_TARGETS)}")
     parser.add_argument("--loads", default=None, help="only these loads, e.g. 80%%,120%%")
-    parser.add_argument("--scale", type=float, default=2.0,
+    parser.add_argument("--scale", type=float, default=1.5,
                         help="simulator --time-scale: the fleet runs this many times slower than the profile "
                              "(all figures are in simulated seconds)")
     parser.add_argument("--duration-factor", type=float, default=1.0, help="multiply every cell's length")
