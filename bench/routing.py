@@ -1078,6 +1078,9 @@ def report(args, cells, probes, saturation, workloads, elapsed, load_before, ext
         print("WARNING: some cells ran with the host CPU near saturation or a late generator ('!'); their latencies "
               "include the machine's, not only the simulator's. Rerun on a quiet machine or with a larger --scale.")
     print()
+    if args.quick:
+        print("--quick: a smoke test of every code path; its cells are too short (3 simulated s) for the figures "
+              "or the ratios below to mean anything")
     print_ratios(cells)
     if external:
         print()
