@@ -9,29 +9,17 @@ import threading
 import time
 
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 
-from support.procs import wait_http
+from support import sim
 
 SYSTEM = "You are the support assistant of a company that sells bicycles. " * 150   # ~1,800 tokens
 
 
 def start_sim(daemons, *args: str) -> str:
-    port = daemons.port()
-    proc = daemons.start("vllm-sim", [daemons.script("gpufleet-vllm-sim"), "org/tiny-model", "--port", str(port),
-                                      "--profile", "llama-3.1-8b-h100", "--jitter", "0", *args])
-    base = f"http://127.0.0.1:{port}"
-    wait_http(base + "/health", proc=proc, timeout=30)
-    return base
+    return sim.start_sim(daemons, "--profile", "llama-3.1-8b-h100", "--jitter", "0", *args)
 
 
-def metric(base: str, name: str, **labels) -> float:
-    text = requests.get(base + "/metrics", timeout=10).text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    raise KeyError(name)
+metric = sim.metric
 
 
 def ttft(base: str, question: str) -> tuple[float, int]:

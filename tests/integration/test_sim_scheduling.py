@@ -7,27 +7,16 @@ import threading
 import time
 
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 
-from support.procs import wait_http, wait_until
-
-
-def start_sim(daemons, *args: str):
-    port = daemons.port()
-    proc = daemons.start("vllm-sim", [daemons.script("gpufleet-vllm-sim"), "org/tiny-model", "--port", str(port),
-                                      "--jitter", "0", "--ttft-ms", "10", *args])
-    base = f"http://127.0.0.1:{port}"
-    wait_http(base + "/health", proc=proc, timeout=30)
-    return base
+from support import sim
+from support.procs import wait_until
 
 
-def metric(base: str, name: str, **labels) -> float:
-    text = requests.get(base + "/metrics", timeout=10).text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    raise KeyError(name)
+def start_sim(daemons, *args: str) -> str:
+    return sim.start_sim(daemons, "--jitter", "0", "--ttft-ms", "10", *args)
+
+
+metric = sim.metric
 
 
 def running_waiting(base: str) -> tuple[float, float]:
