@@ -40,7 +40,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -55,6 +54,11 @@ import redis
 from gpufleet.common.ids import sha256_hex
 from gpufleet.common.rediskeys import RedisKeys
 from gpufleet.controlplane.publisher import Publisher
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from benchprocs import Procs  # noqa: E402
+
+from support.procs import free_port  # noqa: E402
 
 BIN = Path(sys.executable).parent
 MODEL = "bench-model"
@@ -81,12 +85,6 @@ ANSWER = json.dumps({"id": "chatcmpl-bench", "object": "chat.completion", "creat
                      "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}})
 
 
-def free_port() -> int:
-    with contextlib.closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_port(port: int, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -94,29 +92,6 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
             return
         time.sleep(0.05)
     raise TimeoutError(f"nothing listens on {port}")
-
-
-class Procs:
-    def __init__(self, tmp: Path):
-        self.tmp = tmp
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self, name: str, argv: list[str], env: dict | None = None) -> subprocess.Popen:
-        log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                                start_new_session=True)
-        self.procs.append(proc)
-        return proc
-
-    def stop(self) -> None:
-        for proc in reversed(self.procs):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
 
 
 def nginx_conf(tmp: Path, backend_port: int, proxy_port: int) -> Path:

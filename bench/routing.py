@@ -41,7 +41,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -58,6 +57,11 @@ import redis
 from gpufleet.common.ids import sha256_hex
 from gpufleet.common.rediskeys import RedisKeys
 from gpufleet.controlplane.publisher import Publisher
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from benchprocs import Procs  # noqa: E402
+
+from support.procs import free_port  # noqa: E402
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
@@ -230,12 +234,6 @@ def closed_loop(workload: Workload, seed: int, clients: int, replicas: int, ramp
 # ---------------------------------------------------------------------------------------
 # Processes
 # ---------------------------------------------------------------------------------------
-def free_port() -> int:
-    with contextlib.closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_http(url: str, timeout: float, ok=lambda body: True, proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     last = ""
@@ -252,36 +250,6 @@ def wait_http(url: str, timeout: float, ok=lambda body: True, proc: subprocess.P
             last = str(exc)
         time.sleep(0.1)
     raise TimeoutError(f"{url} not ready after {timeout:.0f}s ({last})")
-
-
-class Procs:
-    """Subprocesses in their own process groups, logs in ``tmp``; stopped in reverse order."""
-
-    def __init__(self, tmp: Path):
-        self.tmp = tmp
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self, name: str, argv: list[str], env: dict | None = None) -> subprocess.Popen:
-        log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the process
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-        log.close()
-        self.procs.append(proc)
-        return proc
-
-    def stop(self, procs: list[subprocess.Popen] | None = None, sig: int = signal.SIGTERM) -> None:
-        targets = list(reversed(procs if procs is not None else self.procs))
-        for proc in targets:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-        for proc in targets:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-            self.procs.remove(proc)
 
 
 @dataclass
