@@ -81,6 +81,16 @@ def _loading() -> web.Response:
     return _error(503, "loading the model: the server is starting", code="model_loading")
 
 
+def _refusal(state, request: web.Request) -> web.Response | None:
+    """What a completion-like endpoint answers before reading the body: 401 without the
+    API key, 503 while the model loads; None when the request may go on."""
+    if state.unauthorized(request):
+        return _unauthorized()
+    if state.loading:
+        return _loading()
+    return None
+
+
 def _reset_connection(request: web.Request) -> None:
     """Close the TCP connection with a RST, without an answer."""
     transport = request.transport
@@ -178,10 +188,9 @@ async def render_chat(request: web.Request) -> web.StreamResponse:
     token ids, nothing generated. vllm-router's ``cache_aware`` asks every worker for it and
     matches prefixes on the ids; without it that policy does not route by prefix at all."""
     state = request.app[STATE]
-    if state.unauthorized(request):
-        return _unauthorized()
-    if state.loading:
-        return _loading()
+    refused = _refusal(state, request)
+    if refused is not None:
+        return refused
     try:
         req = parse_chat(parse_body(await request.read()), state.limits)
     except RequestError as err:
@@ -192,10 +201,9 @@ async def render_chat(request: web.Request) -> web.StreamResponse:
 async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     arrival = time.monotonic()
     state = request.app[STATE]
-    if state.unauthorized(request):
-        return _unauthorized()
-    if state.loading:
-        return _loading()
+    refused = _refusal(state, request)
+    if refused is not None:
+        return refused
     try:
         body = parse_body(await request.read())
         req = parse_chat(body, state.limits) if kind == "chat" else parse_completion(body, state.limits)
