@@ -56,7 +56,7 @@ def test_retry_policy_counts_and_stream_rule():
 
 def test_config_defaults_and_validation():
     cfg = RouterConfig.from_env({"GPUFLEET_REDIS_URL": "redis://127.0.0.1:6379/0"})
-    assert (cfg.host, cfg.port, cfg.policy, cfg.retries) == ("0.0.0.0", 8002, "least_outstanding", 2)
+    assert (cfg.host, cfg.port, cfg.policy, cfg.retries) == ("0.0.0.0", 8002, "cache_aware", 2)
     cfg = RouterConfig.from_env({"GPUFLEET_REDIS_URL": "redis://h:1/0", "GPUFLEET_ROUTER_POLICY": "round-robin",
                                  "GPUFLEET_BIND": "127.0.0.1:9000", "GPUFLEET_ROUTER_PROCESSES": "3"})
     assert (cfg.policy, cfg.port, cfg.processes) == ("round_robin", 9000, 3)

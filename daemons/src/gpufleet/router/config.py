@@ -25,7 +25,7 @@ class RouterConfig:
     redis_prefix: str = DEFAULT_PREFIX
     vllm_api_key: str | None = None
     router_id: str = field(default_factory=socket.gethostname)
-    policy: str = "least_outstanding"
+    policy: str = "cache_aware"
     connect_timeout_s: float = 3.0
     first_byte_timeout_s: float = 60.0
     read_timeout_s: float = 60.0
@@ -59,7 +59,7 @@ class RouterConfig:
         redis_url = env.url("GPUFLEET_REDIS_URL", required=True, example="redis://:pass@127.0.0.1:6379/0",
                             schemes=("redis", "rediss", "unix"))
         host, port = env.bind("GPUFLEET_BIND", "0.0.0.0:8002")
-        policy = (env.str("GPUFLEET_ROUTER_POLICY", "least_outstanding") or "").lower().replace("-", "_")
+        policy = (env.str("GPUFLEET_ROUTER_POLICY", "cache_aware") or "").lower().replace("-", "_")
         if policy not in POLICIES:
             raise ConfigError(f"GPUFLEET_ROUTER_POLICY={policy!r} is unknown: set it to one of {', '.join(POLICIES)}")
         prefix = env.str("GPUFLEET_REDIS_PREFIX", DEFAULT_PREFIX)
