@@ -1,5 +1,6 @@
 """Subprocesses of a benchmark: each in its own process group with its log in the run's temp
-dir, stopped in reverse order (SIGTERM, then SIGKILL after 10 s)."""
+dir, stopped in reverse order (SIGTERM, then SIGKILL after 10 s); and the CPU time each
+process group has used."""
 
 from __future__ import annotations
 
@@ -37,3 +38,20 @@ class Procs:
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
             self.procs.remove(proc)
+
+
+def cpu_seconds_by_group() -> dict[int, float]:
+    """CPU seconds (user + system) used so far by the live processes of each process group,
+    by group id (a process started by :class:`Procs` leads its own group)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pgid = int(fields[2])  # field 5 of stat: the process group; 14, 15: utime, stime
+        out[pgid] = out.get(pgid, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out

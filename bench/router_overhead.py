@@ -56,7 +56,7 @@ from gpufleet.common.rediskeys import RedisKeys
 from gpufleet.controlplane.publisher import Publisher
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from benchprocs import Procs  # noqa: E402
+from benchprocs import Procs, cpu_seconds_by_group  # noqa: E402
 
 from support.procs import free_port  # noqa: E402
 
@@ -133,18 +133,7 @@ http {{
 
 def group_cpu_seconds(leader_pid: int) -> float:
     """CPU time (user + system) of every process in ``leader_pid``'s process group."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == leader_pid:  # field 5 of stat: the process group
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / tick
+    return cpu_seconds_by_group().get(leader_pid, 0.0)
 
 
 def wrk(url: str, duration: int, connections: int, tmp: Path, cpu_of: int | None = None) -> tuple[float, float]:

@@ -59,7 +59,7 @@ from gpufleet.common.rediskeys import RedisKeys
 from gpufleet.controlplane.publisher import Publisher
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from benchprocs import Procs  # noqa: E402
+from benchprocs import Procs, cpu_seconds_by_group  # noqa: E402
 
 from support.procs import free_port  # noqa: E402
 
@@ -347,19 +347,8 @@ class Heartbeats(threading.Thread):
 def role_cpu(groups: dict[str, list[int]]) -> dict[str, float]:
     """CPU seconds (user + system) used so far by each role's process groups, and by this
     process (the load generator) under ``gen``."""
-    tick = os.sysconf("SC_CLK_TCK")
-    role_of = {pgid: role for role, pgids in groups.items() for pgid in pgids}
-    out = dict.fromkeys(groups, 0.0)
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        role = role_of.get(int(fields[2]))  # field 5 of stat: the process group
-        if role:
-            out[role] += (int(fields[11]) + int(fields[12])) / tick
+    used = cpu_seconds_by_group()
+    out = {role: sum(used.get(pgid, 0.0) for pgid in pgids) for role, pgids in groups.items()}
     me = os.times()
     out["gen"] = me.user + me.system
     return out

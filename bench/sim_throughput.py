@@ -64,67 +64,53 @@ def run_baseline_server(port: int) -> None:
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None, backlog=2048)
 
 
-async def _python_load(url: str, body: bytes, connections: int, duration: float) -> dict:
+async def _closed_loop(url: str, body: bytes, clients: int, duration: float, read) -> dict:
+    """``clients`` clients, each posting ``body`` to ``url`` back to back until ``duration``
+    is up; ``await read(resp, counts)`` takes each answer and adds to ``counts``."""
     import aiohttp
 
-    done = errors = 0
-    deadline = time.monotonic() + duration
-    headers = {"Content-Type": "application/json"}
-
-    async def worker(session):
-        nonlocal done, errors
-        while time.monotonic() < deadline:
-            async with session.post(url, data=body, headers=headers) as resp:
-                await resp.read()
-                if resp.status == 200:
-                    done += 1
-                else:
-                    errors += 1
-
-    connector = aiohttp.TCPConnector(limit=connections)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        started = time.monotonic()
-        await asyncio.gather(*(worker(session) for _ in range(connections)))
-        elapsed = time.monotonic() - started
-    return {"requests_per_s": done / elapsed, "errors": errors}
-
-
-def run_python_load(url: str, body: str, connections: int, duration: float) -> None:
-    print(json.dumps(asyncio.run(_python_load(url, body.encode(), connections, duration))))
-
-
-async def _stream_load(url: str, body: bytes, streams: int, duration: float) -> dict:
-    """``streams`` clients, each streaming completions back to back until ``duration`` is up."""
-    import aiohttp
-
-    tokens = requests = errors = 0
+    counts = {"requests": 0, "errors": 0, "tokens": 0}
     deadline = time.monotonic() + duration
     headers = {"Content-Type": "application/json"}
 
     async def client(session):
-        nonlocal tokens, requests, errors
         while time.monotonic() < deadline:
             async with session.post(url, data=body, headers=headers) as resp:
-                last = b""
-                async for line in resp.content:
-                    if line.startswith(b"data: {"):
-                        last = line
-                if resp.status != 200 or b'"usage"' not in last:
-                    errors += 1
-                    continue
-                tokens += json.loads(last[6:])["usage"]["completion_tokens"]
-                requests += 1
+                await read(resp, counts)
 
-    connector = aiohttp.TCPConnector(limit=streams)
+    connector = aiohttp.TCPConnector(limit=clients)
     async with aiohttp.ClientSession(connector=connector) as session:
         started = time.monotonic()
-        await asyncio.gather(*(client(session) for _ in range(streams)))
-        elapsed = time.monotonic() - started
-    return {"tokens": tokens, "requests": requests, "errors": errors, "elapsed_s": elapsed}
+        await asyncio.gather(*(client(session) for _ in range(clients)))
+        counts["elapsed_s"] = time.monotonic() - started
+    return counts
+
+
+async def _read_whole(resp, counts: dict) -> None:
+    await resp.read()
+    counts["requests" if resp.status == 200 else "errors"] += 1
+
+
+async def _read_stream(resp, counts: dict) -> None:
+    last = b""
+    async for line in resp.content:
+        if line.startswith(b"data: {"):
+            last = line
+    if resp.status != 200 or b'"usage"' not in last:
+        counts["errors"] += 1
+        return
+    counts["tokens"] += json.loads(last[6:])["usage"]["completion_tokens"]
+    counts["requests"] += 1
+
+
+def run_python_load(url: str, body: str, connections: int, duration: float) -> None:
+    counts = asyncio.run(_closed_loop(url, body.encode(), connections, duration, _read_whole))
+    print(json.dumps({"requests_per_s": counts["requests"] / counts["elapsed_s"], "errors": counts["errors"]}))
 
 
 def run_stream_load(url: str, body: str, streams: int, duration: float) -> None:
-    print(json.dumps(asyncio.run(_stream_load(url, body.encode(), streams, duration))))
+    """``streams`` clients, each streaming completions back to back until ``duration`` is up."""
+    print(json.dumps(asyncio.run(_closed_loop(url, body.encode(), streams, duration, _read_stream))))
 
 
 def cpu_seconds(pid: int) -> float:
