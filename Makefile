@@ -72,9 +72,11 @@ bench: venv
 	@if [ -f bench/router_overhead.py ]; then $(PY) bench/router_overhead.py; fi
 
 # issue 11's routing benchmark (not in `make bench`: ~25 min); vllm-router from PyPI in its
-# own venv outside the project. BENCH_ARGS=--quick for a 3-minute smoke run.
+# own venv outside the project. By default with --capacity (each policy's tokens/s at its own
+# saturation, the figure the 120 % cells cannot show); BENCH_ARGS=--quick for a 3-minute
+# smoke run.
 BENCH_PEERS ?= $(HOME)/.cache/gpufleet/bench-peers
-BENCH_ARGS ?=
+BENCH_ARGS ?= --capacity
 bench-routing: venv
 	GPUFLEET_WITH_PODMAN=0 scripts/install-deps.sh
 	@test -x $(BENCH_PEERS)/bin/vllm-router || { python3 -m venv $(BENCH_PEERS) && \
