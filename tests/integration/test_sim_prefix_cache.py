@@ -11,15 +11,13 @@ import time
 import requests
 
 from support import sim
+from support.sim import metric
 
 SYSTEM = "You are the support assistant of a company that sells bicycles. " * 150   # ~1,800 tokens
 
 
 def start_sim(daemons, *args: str) -> str:
     return sim.start_sim(daemons, "--profile", "llama-3.1-8b-h100", "--jitter", "0", *args)
-
-
-metric = sim.metric
 
 
 def ttft(base: str, question: str) -> tuple[float, int]:

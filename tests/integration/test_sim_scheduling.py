@@ -10,13 +10,11 @@ import requests
 
 from support import sim
 from support.procs import wait_until
+from support.sim import metric
 
 
 def start_sim(daemons, *args: str) -> str:
     return sim.start_sim(daemons, "--jitter", "0", "--ttft-ms", "10", *args)
-
-
-metric = sim.metric
 
 
 def running_waiting(base: str) -> tuple[float, float]:
